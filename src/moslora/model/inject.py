@@ -1,0 +1,152 @@
+"""Model surgery: find the target layers of a model and wrap them in MoSLoRA layers."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moslora.config import ALL_LINEAR, MoSLoRAConfig
+from moslora.core.layers import SUPPORTED_KINDS, MoSLoRALayer, _transformers_conv1d, layer_class_for
+
+CONFIG_ATTR = "_moslora_config"
+
+
+def matches(name: str, patterns: list[str] | str) -> bool:
+    """A list entry matches the full name or its dotted suffix; a string is a full-name regex."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, MoSLoRALayer]]:
+    """Every MoSLoRA layer in ``model`` with its module name (the name of the layer it wraps)."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoSLoRALayer):
+            yield name, module
+
+
+def get_config(model: nn.Module) -> MoSLoRAConfig:
+    config = getattr(model, CONFIG_ATTR, None)
+    if config is None:
+        raise ValueError("this model has no MoSLoRA adapters; call moslora.inject(model, config) first")
+    return config
+
+
+def find_targets(model: nn.Module, config: MoSLoRAConfig) -> list[str]:
+    """Names of the modules ``config`` targets, in model order. Raises ``ValueError`` if none match."""
+    output_head = _output_head(model)
+    names = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, MoSLoRALayer):
+            continue
+        if config.exclude_modules is not None and matches(name, config.exclude_modules):
+            continue
+        if config.target_modules == ALL_LINEAR:
+            if module is output_head or not _is_linear(module):
+                continue
+        elif not matches(name, config.target_modules):
+            continue
+        if layer_class_for(module, name) is None:
+            raise TypeError(
+                f"target_modules {config.target_modules!r} matched module {name!r} of type "
+                f"{type(module).__name__}, which MoSLoRA cannot wrap; supported kinds: {SUPPORTED_KINDS}"
+            )
+        names.append(name)
+    if not names:
+        existing = [n for n, m in model.named_modules() if n and not list(m.children())]
+        raise ValueError(
+            f"target_modules {config.target_modules!r} matched no module of this "
+            f"{type(model).__name__}; some of its layers are: {existing[:12]}"
+        )
+    return names
+
+
+def inject(model: nn.Module, config: MoSLoRAConfig) -> nn.Module:
+    """Wrap the target layers of ``model`` in MoSLoRA layers, in place, and freeze everything else.
+
+    A is drawn for every layer before any mixer, so for a given seed A is the same with or without
+    a mixer: runs that differ only in the mixer start from the same subspaces.
+
+    Returns ``model`` (now with adapters) for chaining.
+    """
+    if not isinstance(config, MoSLoRAConfig):
+        raise TypeError(f"config must be a MoSLoRAConfig, got {type(config).__name__}")
+    existing = next(adapter_layers(model), None)
+    if existing is not None:
+        raise ValueError(
+            f"this model already has MoSLoRA adapters (e.g. at {existing[0]!r}); "
+            "call moslora.unload or moslora.merge_and_unload before injecting again"
+        )
+    targets = find_targets(model, config)
+    saved = _modules_to_save(model, config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    layers = []
+    for name in targets:
+        parent, attr = _parent(model, name)
+        base = getattr(parent, attr)
+        layer = layer_class_for(base, name)(base, config, init_mixer=False)
+        setattr(parent, attr, layer)
+        layers.append(layer)
+    for layer in layers:
+        layer.reset_mixer()
+    for name in saved:
+        model.get_submodule(name).requires_grad_(True)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def saved_module_names(model: nn.Module) -> list[str]:
+    """Names of the fully trained modules (``config.modules_to_save``) of an injected model."""
+    return _modules_to_save(model, get_config(model))
+
+
+def _modules_to_save(model: nn.Module, config: MoSLoRAConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n and matches(n, config.modules_to_save)]
+    names = [n for n in names if not any(n.startswith(other + ".") for other in names)]
+    if not names:
+        raise ValueError(f"modules_to_save {config.modules_to_save!r} matched no module of this {type(model).__name__}")
+    return names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    conv1d = _transformers_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return True
+    # MultiheadAttention's out_proj is never called as a module, so an adapter there would be dead.
+    return isinstance(module, nn.Linear) and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            return get()
+        except (NotImplementedError, AttributeError):
+            return None
+    return None
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+@torch.no_grad()
+def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
+    """Replace every MoSLoRA layer by its base layer (merging ΔW in first when ``merge``)."""
+    for name, layer in list(adapter_layers(model)):
+        if merge and not layer.merged:
+            layer.merge()
+        elif not merge and layer.merged:
+            layer.unmerge()
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, layer.base_layer)
+    if hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+    return model

@@ -1,0 +1,132 @@
+"""Model-level operations on an injected model: merge, unmerge, disable, count, collect."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moslora.model.inject import adapter_layers, saved_module_names, unload
+
+
+def _layers_or_raise(model: nn.Module):
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("this model has no MoSLoRA adapters; call moslora.inject(model, config) first")
+    return layers
+
+
+@torch.no_grad()
+def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
+    """Add every layer's ΔW into its base weight, so forward costs exactly what the base costs.
+
+    With ``safe=True`` every ΔW is checked to be finite before any base weight is touched; a
+    non-finite one raises ``ValueError`` naming the layer, and the model is left as it was.
+    """
+    layers = _layers_or_raise(model)
+    already = [name for name, layer in layers if layer.merged]
+    if already:
+        raise ValueError(f"the adapters are already merged (e.g. at {already[0]!r}); call moslora.unmerge first")
+    if safe:
+        for name, layer in layers:
+            if not torch.isfinite(layer.get_delta_weight()).all():
+                raise ValueError(f"refusing to merge: ΔW of layer {name!r} has NaN or Inf values; no weight was changed")
+    for _, layer in layers:
+        layer.merge()
+    return model
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract every layer's ΔW from its base weight again (exact up to the weight's rounding)."""
+    layers = _layers_or_raise(model)
+    if not any(layer.merged for _, layer in layers):
+        raise ValueError("the adapters are not merged, so there is nothing to unmerge")
+    for _, layer in layers:
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
+    """Merge every adapter into its base weight and put the plain base layers back.
+
+    The result has the base model's modules and state-dict keys and no adapter overhead.
+    """
+    layers = _layers_or_raise(model)
+    if not all(layer.merged for _, layer in layers):
+        if any(layer.merged for _, layer in layers):
+            unmerge(model)
+        merge(model, safe=safe)
+    return unload(model, merge=True)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: inside the block every adapter is skipped (merged ones are unmerged
+    for its duration and merged back after)."""
+    layers = [layer for _, layer in _layers_or_raise(model)]
+    was_merged = [layer.merged for layer in layers]
+    for layer, merged in zip(layers, was_merged):
+        if merged:
+            layer.unmerge()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, merged in zip(layers, was_merged):
+            layer.disabled = False
+            if merged:
+                layer.merge()
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors keyed ``<module>.lora_A|lora_M|lora_B`` (and the full state of
+    ``modules_to_save`` keyed ``<module>.<param>``), detached, in the model's naming."""
+    state = {}
+    for name, layer in _layers_or_raise(model):
+        for attr, param in layer.adapter_parameters():
+            state[f"{name}.{attr}"] = param.detach()
+    for name in saved_module_names(model):
+        for pname, tensor in model.get_submodule(name).state_dict().items():
+            state[f"{name}.{pname}"] = tensor.detach()
+    return state
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameter counts: ``A``, ``M``, ``B`` (adapter), ``saved`` (modules_to_save),
+    ``trainable`` (all that requires grad), ``total`` (every parameter of the model)."""
+    counts = {"A": 0, "M": 0, "B": 0}
+    for _, layer in adapter_layers(model):
+        for attr, param in layer.adapter_parameters():
+            if param.requires_grad:
+                counts[attr[-1]] += param.numel()
+    saved = {id(p) for n in saved_module_names(model) for p in model.get_submodule(n).parameters()}
+    counts["saved"] = sum(p.numel() for p in model.parameters() if id(p) in saved and p.requires_grad)
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["total"] = sum(_numel(p) for p in model.parameters())
+    return counts
+
+
+def print_trainable_parameters(model: nn.Module) -> dict[str, int]:
+    """Print (and return) trainable parameters as PEFT does, with the mixer's share shown."""
+    c = parameter_counts(model)
+    adapter = c["A"] + c["M"] + c["B"]
+    mixer_share = 100.0 * c["M"] / adapter if adapter else 0.0
+    print(
+        f"trainable params: {c['trainable']:,} || all params: {c['total']:,} || "
+        f"trainable%: {100.0 * c['trainable'] / max(c['total'], 1):.4f}\n"
+        f"  adapter: A {c['A']:,} + M {c['M']:,} + B {c['B']:,} (mixer {mixer_share:.2f}% of the adapter)"
+        + (f"; modules_to_save {c['saved']:,}" if c["saved"] else "")
+    )
+    return c
+
+
+def _numel(param: torch.Tensor) -> int:
+    # bitsandbytes packs two 4-bit values per byte; count the logical weights.
+    shape = getattr(param, "quant_state", None)
+    if shape is not None and getattr(shape, "shape", None) is not None:
+        return int(torch.Size(shape.shape).numel())
+    return param.numel()
