@@ -22,8 +22,8 @@ def add_to_weight(base_layer: nn.Module, delta: torch.Tensor, sign: int) -> None
         )
     if delta.shape != weight.shape:
         raise ValueError(f"ΔW has shape {tuple(delta.shape)} but the base weight has shape {tuple(weight.shape)}")
-    if weight.dtype == torch.float32:
-        weight.add_(delta.to(weight.device), alpha=sign)
+    if weight.dtype.itemsize >= 4:
+        weight.add_(delta.to(device=weight.device, dtype=weight.dtype), alpha=sign)
     else:
-        # Round once: add in fp32, then cast back.
+        # A half-precision weight: add in fp32 and round once.
         weight.copy_((weight.float() + sign * delta.to(weight.device)).to(weight.dtype))
