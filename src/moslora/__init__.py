@@ -16,7 +16,9 @@ from moslora.core.layers import (
     MoSLoRALayer,
     MoSLoRALinear,
 )
+from moslora.io.export import export_lora
 from moslora.io.native import AdapterFormatError, load_adapter, read_adapter, save_adapter
+from moslora.io.peft_format import import_lora
 from moslora.model.inject import adapter_layers, find_targets, get_config, inject, unload
 from moslora.model.ops import (
     adapter_state_dict,
@@ -39,8 +41,10 @@ __all__ = [
     "adapter_layers",
     "adapter_state_dict",
     "disabled",
+    "export_lora",
     "find_targets",
     "get_config",
+    "import_lora",
     "inject",
     "load_adapter",
     "merge",

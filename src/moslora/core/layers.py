@@ -32,6 +32,14 @@ from moslora.core.weights import add_to_weight
 _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def fold_mixer(A: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
+    """A' = M·A in fp32 (or wider), along A's rank axis (A: r×in, or a conv kernel r×in×k…); A itself without
+    a mixer. B·A' = B·M·A, so (A', B) is a plain LoRA adapter of the same rank that is exactly the
+    MoSLoRA adapter: ΔW and export are both built from this."""
+    A = A.to(torch.promote_types(A.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
+    return A if M is None else (M.to(A.dtype) @ A.flatten(1)).view(A.shape)
+
+
 class MoSLoRALayer(nn.Module):
     """Base class of the wrappers. Subclasses say only how A, M and B act on their layer's inputs
     and how ΔW is laid out in their base weight; the formula itself lives here, once.
@@ -118,10 +126,10 @@ class MoSLoRALayer(nn.Module):
         return self.dropout(x) if self.dropout is not None else x
 
     def get_delta_weight(self) -> torch.Tensor:
-        """ΔW = s·B·M·A in fp32, laid out like ``base_layer.weight``. The only place ΔW is built."""
-        A, B = self.lora_A.float(), self.lora_B.float()
-        up = B @ self.lora_M.float() if self.lora_M is not None else B
-        delta = (up @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * self.scaling
+        """ΔW = s·B·(M·A) in fp32 (or wider), laid out like ``base_layer.weight``. The only place ΔW is built."""
+        A = fold_mixer(self.lora_A, self.lora_M)
+        B = self.lora_B.to(A.dtype)
+        delta = (B @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * self.scaling
         return self._to_weight_layout(delta)
 
     # ----- state --------------------------------------------------------------------------------

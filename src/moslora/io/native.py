@@ -43,6 +43,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 _METADATA_KEY = "moslora_adapter_config"
+# Refuse configs whose rank could only be a mistake or an attack, before anything is allocated.
+MAX_RANK = 65536
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
@@ -52,6 +54,16 @@ class AdapterFormatError(ValueError):
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter (only the adapter) of an injected model to ``directory``. Returns the path."""
+    description, tensors = adapter_contents(model, base_model_name_or_path=base_model_name_or_path)
+    directory = Path(directory)
+    metadata = {"format": FORMAT, _METADATA_KEY: json.dumps(description)}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_json(directory / CONFIG_NAME, description)
+    return directory
+
+
+def adapter_contents(model: nn.Module, *, base_model_name_or_path: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """What :func:`save_adapter` writes, in memory: the description and the tensors (on CPU)."""
     config = get_config(model)
     layers = list(adapter_layers(model))
     if base_model_name_or_path is None:
@@ -66,11 +78,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
         "modules_to_save": saved_module_names(model),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    directory = Path(directory)
-    metadata = {"format": FORMAT, _METADATA_KEY: json.dumps(description)}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    atomic_write_json(directory / CONFIG_NAME, description)
-    return directory
+    return description, tensors
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -100,15 +108,36 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     return description, tensors
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: bool = True) -> nn.Module:
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, *, trainable: bool = True, allow_pickle: bool = False
+) -> nn.Module:
     """Add the adapter saved in ``directory`` to ``model`` (a base model, or one already injected
     with the same layers, whose adapter values are then replaced).
+
+    ``directory`` is a native adapter or one of the authors' MoSLoRA checkpoints (PEFT style, with
+    ``lora_AB`` or ``lora_mixer`` tensors; see :mod:`moslora.io.peft_format`). Their pickled
+    ``adapter_model.bin`` is read only with ``allow_pickle=True``. A plain LoRA adapter has no
+    mixer to load: start from one with :func:`moslora.import_lora`.
 
     Everything is checked before the model is touched: module names, kinds and every tensor's
     shape. On any error the model is left as it was.
     """
     directory = Path(directory)
-    description, tensors = read_adapter(directory)
+    # Imported here: peft_format builds on this module.
+    from moslora.io.peft_format import is_peft_dir, read_mixer_checkpoint
+
+    if is_peft_dir(directory):
+        description, tensors = read_mixer_checkpoint(directory, allow_pickle=allow_pickle)
+    else:
+        description, tensors = read_adapter(directory)
+    return place_adapter(model, directory, description, tensors, trainable=trainable)
+
+
+def place_adapter(
+    model: nn.Module, directory: Path, description: dict[str, Any], tensors: dict[str, torch.Tensor], *, trainable: bool = True
+) -> nn.Module:
+    """Put an adapter read from ``directory`` (native description and tensors) into ``model``,
+    checking every name and shape first; ``directory`` only names the source in errors."""
     config = MoSLoRAConfig.from_dict(description["config"])
     modules = description["modules"]
     already = dict(adapter_layers(model))
@@ -183,7 +212,7 @@ def _validate_description(where: Path, d: Any) -> None:
     if "peft_type" in d or d.get("format") != FORMAT:
         raise AdapterFormatError(
             f"{where}: not a moslora adapter (format={d.get('format')!r}, peft_type={d.get('peft_type')!r}); "
-            "a PEFT or authors'-format LoRA/MoSLoRA checkpoint loads with moslora.import_lora"
+            "an authors'-format MoSLoRA checkpoint loads with moslora.load_adapter, a plain LoRA one with moslora.import_lora"
         )
     if d.get("format_version") != FORMAT_VERSION:
         raise AdapterFormatError(f"{where}: format_version {d.get('format_version')!r} is not supported (this moslora reads {FORMAT_VERSION})")
@@ -191,9 +220,11 @@ def _validate_description(where: Path, d: Any) -> None:
         if not isinstance(d.get(key), kind):
             raise AdapterFormatError(f"{where}: field {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}")
     try:
-        MoSLoRAConfig.from_dict(d["config"])
+        config = MoSLoRAConfig.from_dict(d["config"])
     except (TypeError, ValueError) as e:
         raise AdapterFormatError(f"{where}: field 'config' is invalid: {e}") from e
+    if config.r > MAX_RANK:
+        raise AdapterFormatError(f"{where}: field 'config.r': r={config.r} is larger than any real adapter (at most {MAX_RANK})")
     if not d["modules"]:
         raise AdapterFormatError(f"{where}: field 'modules' is empty")
     for name in d["modules"]:

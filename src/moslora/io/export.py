@@ -1,0 +1,65 @@
+"""Export a MoSLoRA adapter as a plain LoRA adapter that runs wherever LoRA does.
+
+ΔW = s·B·M·A = s·B·(M·A): folding the r×r mixer into A gives a LoRA adapter (A' = M·A, B) of the
+same rank that is exactly equal, so inference costs nothing extra. From a directory this is pure
+tensor work on the adapter file (no base model is loaded), so any size of model exports in seconds.
+The formats and their key layouts are described in :mod:`moslora.io.peft_format` and
+:mod:`moslora.io.diffusers_format`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from moslora.io.diffusers_format import write_diffusers
+from moslora.io.native import adapter_contents, read_adapter
+from moslora.io.peft_format import is_peft_dir, read_peft_dir, write_peft
+
+FORMATS = ("peft", "diffusers")
+
+
+def export_lora(
+    src: nn.Module | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    format: str = "peft",
+    *,
+    prefix: str = "unet",
+    base_model_name_or_path: str | None = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """Write ``src``'s adapter to ``out_dir`` as a plain LoRA adapter, exactly equal to it.
+
+    Args:
+        src: a model with MoSLoRA adapters, or an adapter directory (native, or the authors'
+            PEFT-style checkpoint with ``lora_AB`` / ``lora_mixer`` tensors; a plain PEFT LoRA
+            directory is rewritten as is).
+        out_dir: where to write; created if needed.
+        format: ``"peft"`` (``adapter_config.json`` + ``adapter_model.safetensors`` for
+            ``PeftModel.from_pretrained``, vLLM, TGI, llama.cpp's converter) or ``"diffusers"``
+            (``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights``).
+        prefix: the diffusers pipeline component the adapter belongs to (``"unet"``,
+            ``"transformer"``); only for ``format="diffusers"``.
+        base_model_name_or_path: recorded in the PEFT config (default: what ``src`` records).
+        allow_pickle: read the authors' pickled ``adapter_model.bin`` (with ``weights_only=True``).
+
+    Returns the output directory.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    base_weights = {}
+    if isinstance(src, nn.Module):
+        description, tensors = adapter_contents(src, base_model_name_or_path=base_model_name_or_path)
+    elif is_peft_dir(src):
+        description, tensors, base_weights = read_peft_dir(src, allow_pickle=allow_pickle)
+    else:
+        description, tensors = read_adapter(src)
+    if base_model_name_or_path is not None:
+        description["base_model_name_or_path"] = base_model_name_or_path
+    if format == "peft":
+        return write_peft(out_dir, description, tensors, base_weights)
+    if base_weights:
+        raise ValueError(f"{src} stores base-layer weights of embeddings, which a diffusers LoRA file cannot carry")
+    return write_diffusers(out_dir, description, tensors, prefix=prefix)

@@ -1,0 +1,270 @@
+"""Interop: exact export to plain LoRA (PEFT, diffusers), import of PEFT LoRA, the authors'
+checkpoints, and merging into bitsandbytes-quantized bases. Every check compares against the real
+library (PEFT, diffusers) or ΔW computed by hand, on tiny models built from configs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import moslora
+from moslora.io.native import AdapterFormatError
+from tiny import perturb, tiny_gpt2, tiny_llama, tiny_unet, unet_inputs
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[1, 5, 9, 2, 33, 7], [4, 4, 60, 12, 0, 3]])
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+GPT2_TARGETS = ["c_attn", "c_proj"]
+
+
+def keys_of(path) -> set[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
+def trained(make, targets, **config):
+    """A tiny model with a perturbed (trained-like: B ≠ 0, M ≠ I) MoSLoRA adapter, and its base."""
+    base = make()
+    model = moslora.inject(copy.deepcopy(base), moslora.MoSLoRAConfig(**{"r": 4, "alpha": 8, "target_modules": targets, **config}))
+    perturb(model, std=0.2)
+    return base, model
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ----- export to PEFT ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make,targets,config",
+    [
+        (tiny_llama, LLAMA_TARGETS, {}),
+        (tiny_llama, ["q_proj", "o_proj"], {"use_rslora": True, "alpha": 5.5}),
+        (tiny_gpt2, GPT2_TARGETS, {}),
+    ],
+    ids=["llama", "llama-rslora", "gpt2-conv1d"],
+)
+def test_peft_loads_the_export_and_gives_the_same_logits(tmp_path, make, targets, config):
+    base, model = trained(make, targets, **config)
+    expected = logits(model)
+    assert not torch.allclose(expected, logits(base), atol=1e-3), "the adapter must change the logits"
+    moslora.export_lora(model, tmp_path / "peft")
+
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, GPT2_TARGETS)], ids=["llama", "gpt2"])
+def test_export_has_exactly_the_keys_and_config_peft_writes(tmp_path, make, targets):
+    base, model = trained(make, targets)
+    moslora.export_lora(model, tmp_path / "ours")
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    reference.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+
+    assert keys_of(tmp_path / "ours" / "adapter_model.safetensors") == keys_of(tmp_path / "peft" / "adapter_model.safetensors")
+    ours = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for field in ("peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out"):
+        assert ours[field] == theirs[field], field
+
+
+def test_export_from_a_directory_needs_no_model_and_equals_export_from_the_model(tmp_path):
+    _, model = trained(tiny_llama, LLAMA_TARGETS, modules_to_save=["lm_head"])
+    moslora.save_adapter(model, tmp_path / "native")
+    moslora.export_lora(model, tmp_path / "from-model")
+    moslora.export_lora(tmp_path / "native", tmp_path / "from-dir")
+
+    with safe_open(str(tmp_path / "from-model" / "adapter_model.safetensors"), "pt") as a, safe_open(
+        str(tmp_path / "from-dir" / "adapter_model.safetensors"), "pt"
+    ) as b:
+        assert set(a.keys()) == set(b.keys())
+        assert "base_model.model.lm_head.weight" in set(a.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+
+
+def test_exported_A_is_the_mixer_folded_into_A_by_hand(tmp_path):
+    _, model = trained(tiny_llama, ["q_proj"])
+    moslora.export_lora(model, tmp_path)
+    layer = model.model.layers[1].self_attn.q_proj
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        A = f.get_tensor("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight")
+        B = f.get_tensor("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight")
+    torch.testing.assert_close(A, layer.lora_M.detach() @ layer.lora_A.detach(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(B, layer.lora_B.detach())
+    # and ΔW from the export, with PEFT's s = alpha/r, is the layer's ΔW
+    torch.testing.assert_close(2.0 * B @ A, layer.get_delta_weight(), atol=1e-6, rtol=1e-6)
+
+
+# ----- export to diffusers -------------------------------------------------------------------------
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in"]
+
+
+def unet_out(unet):
+    sample, t, context = unet_inputs()
+    with torch.no_grad():
+        return unet(sample, t, encoder_hidden_states=context).sample
+
+
+@pytest.mark.parametrize("mixer", ["kaiming", None])
+def test_diffusers_loads_the_export_and_gives_the_same_unet_output(tmp_path, mixer):
+    pytest.importorskip("diffusers")
+    base, model = trained(tiny_unet, UNET_TARGETS, mixer=mixer, alpha=6)
+    assert any(layer.kind == "conv" for _, layer in moslora.adapter_layers(model))
+    expected = unet_out(model)
+    assert not torch.allclose(expected, unet_out(base), atol=1e-3)
+    moslora.export_lora(model, tmp_path, format="diffusers")
+
+    unet = copy.deepcopy(base)
+    unet.load_lora_adapter(str(tmp_path), weight_name="pytorch_lora_weights.safetensors", prefix="unet")
+    torch.testing.assert_close(unet_out(unet), expected, atol=1e-5, rtol=1e-5)
+
+
+# ----- PEFT never silently drops a mixer -----------------------------------------------------------
+def test_peft_refuses_the_native_directory(tmp_path):
+    base, model = trained(tiny_llama, ["q_proj"])
+    moslora.save_adapter(model, tmp_path)
+    with pytest.raises(Exception) as info:
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+        # Should PEFT ever load it, it must not have dropped the mixer.
+        torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+        return
+    assert not isinstance(info.value, AssertionError), "PEFT loaded the native adapter and dropped the mixer"
+
+
+# ----- the authors' checkpoints --------------------------------------------------------------------
+def write_authors_checkpoint(directory, model, mixer_name="lora_AB", pickle=False, seed=3):
+    """An authors'-format directory (PEFT 0.10 + lora_use_mixer) from random tensors, and ΔW by hand."""
+    g = torch.Generator().manual_seed(seed)
+    r, alpha = 4, 8
+    tensors, deltas = {}, {}
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        weight = model.get_submodule(name).weight
+        out_f, in_f = weight.shape
+        A, M, B = torch.randn(r, in_f, generator=g), torch.randn(r, r, generator=g), torch.randn(out_f, r, generator=g) * 0.2
+        tensors |= {f"base_model.model.{name}.lora_A.weight": A, f"base_model.model.{name}.{mixer_name}.weight": M,
+                    f"base_model.model.{name}.lora_B.weight": B}  # fmt: skip
+        deltas[name] = (alpha / r) * B @ M @ A
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": 0.05, "lora_use_mixer": True, "fan_in_fan_out": False,
+              "target_modules": ["q_proj", "down_proj"], "bias": "none", "task_type": "CAUSAL_LM", "base_model_name_or_path": "yahma/llama-7b-hf"}  # fmt: skip
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    if pickle:
+        torch.save(tensors, directory / "adapter_model.bin")
+    else:
+        save_file(tensors, str(directory / "adapter_model.safetensors"))
+    return deltas
+
+
+def with_deltas(base, deltas):
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            merged.get_submodule(name).weight += delta
+    return merged
+
+
+@pytest.mark.parametrize("mixer_name", ["lora_AB", "lora_mixer"])
+def test_authors_checkpoint_loads_and_exports_to_the_hand_computed_delta(tmp_path, mixer_name):
+    base = tiny_llama()
+    deltas = write_authors_checkpoint(tmp_path / "authors", base, mixer_name)
+    expected = logits(with_deltas(base, deltas))
+
+    model = moslora.load_adapter(copy.deepcopy(base), tmp_path / "authors").eval()  # the checkpoint has dropout
+    for name, delta in deltas.items():
+        torch.testing.assert_close(model.get_submodule(name).get_delta_weight(), delta, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model), expected, atol=1e-5, rtol=1e-5)
+
+    moslora.export_lora(tmp_path / "authors", tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "adapter_config.json").read_text())["base_model_name_or_path"] == "yahma/llama-7b-hf"
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain")
+    torch.testing.assert_close(logits(loaded), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_authors_pickle_is_read_only_with_allow_pickle(tmp_path):
+    base = tiny_llama()
+    deltas = write_authors_checkpoint(tmp_path, base, pickle=True)
+    with pytest.raises(AdapterFormatError, match="allow_pickle=True"):
+        moslora.load_adapter(copy.deepcopy(base), tmp_path)
+    with pytest.raises(AdapterFormatError, match="allow_pickle=True"):
+        moslora.export_lora(tmp_path, tmp_path / "out")
+    model = moslora.load_adapter(copy.deepcopy(base), tmp_path, allow_pickle=True).eval()
+    torch.testing.assert_close(logits(model), logits(with_deltas(base, deltas)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_mixer_that_cannot_be_placed_is_an_error(tmp_path):
+    base = tiny_llama()
+    write_authors_checkpoint(tmp_path, base)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    # A mixer on one layer only: no single MoSLoRA config can hold it.
+    del tensors["base_model.model.model.layers.1.mlp.down_proj.lora_AB.weight"]
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    for action in (lambda: moslora.load_adapter(copy.deepcopy(base), tmp_path), lambda: moslora.export_lora(tmp_path, tmp_path / "o")):
+        with pytest.raises(AdapterFormatError, match="mixer"):
+            action()
+    # The LoRA importer, given a checkpoint with mixers, points to load_adapter rather than drop them.
+    write_authors_checkpoint(tmp_path, base)
+    with pytest.raises(AdapterFormatError, match="load_adapter"):
+        moslora.import_lora(copy.deepcopy(base), tmp_path)
+
+
+# ----- import of plain PEFT LoRA -------------------------------------------------------------------
+def peft_lora(tmp_path, make, targets):
+    base = make()
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.2)
+    reference.save_pretrained(tmp_path / "lora")
+    return base, reference
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_llama, LLAMA_TARGETS), (tiny_gpt2, GPT2_TARGETS)], ids=["llama", "gpt2"])
+def test_import_lora_with_identity_mixer_gives_identical_outputs(tmp_path, make, targets):
+    base, reference = peft_lora(tmp_path, make, targets)
+    model = moslora.import_lora(copy.deepcopy(base), tmp_path / "lora")
+    assert all(torch.equal(layer.lora_M, torch.eye(4)) for _, layer in moslora.adapter_layers(model))
+    assert all(layer.lora_M.requires_grad for _, layer in moslora.adapter_layers(model))
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=1e-6)
+
+
+def test_import_lora_with_a_random_mixer_keeps_the_outputs(tmp_path):
+    base, reference = peft_lora(tmp_path, tiny_llama, ["q_proj", "v_proj"])
+    torch.manual_seed(0)
+    model = moslora.import_lora(copy.deepcopy(base), tmp_path / "lora", mixer="orthogonal")
+    assert not any(torch.allclose(layer.lora_M, torch.eye(4)) for _, layer in moslora.adapter_layers(model))
+    torch.testing.assert_close(logits(model), logits(reference), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="singular"):
+        moslora.import_lora(copy.deepcopy(base), tmp_path / "lora", mixer="two-subspace")
+
+
+def test_import_then_export_round_trips(tmp_path):
+    base, reference = peft_lora(tmp_path, tiny_llama, LLAMA_TARGETS)
+    model = moslora.import_lora(copy.deepcopy(base), tmp_path / "lora")
+    moslora.export_lora(model, tmp_path / "back")
+    with safe_open(str(tmp_path / "lora" / "adapter_model.safetensors"), "pt") as a, safe_open(
+        str(tmp_path / "back" / "adapter_model.safetensors"), "pt"
+    ) as b:
+        lora_keys = {k for k in a.keys() if "lora_" in k}
+        assert lora_keys == {k for k in b.keys() if "lora_" in k}
+        for key in lora_keys:
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back")
+    torch.testing.assert_close(logits(loaded), logits(reference), atol=1e-6, rtol=1e-6)
+
+
+def test_load_adapter_sends_plain_lora_to_import_lora(tmp_path):
+    base, _ = peft_lora(tmp_path, tiny_llama, ["q_proj"])
+    with pytest.raises(AdapterFormatError, match="import_lora"):
+        moslora.load_adapter(copy.deepcopy(base), tmp_path / "lora")
