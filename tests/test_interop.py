@@ -268,3 +268,16 @@ def test_load_adapter_sends_plain_lora_to_import_lora(tmp_path):
     base, _ = peft_lora(tmp_path, tiny_llama, ["q_proj"])
     with pytest.raises(AdapterFormatError, match="import_lora"):
         moslora.load_adapter(copy.deepcopy(base), tmp_path / "lora")
+
+
+# ----- command line --------------------------------------------------------------------------------
+def test_cli_export_writes_what_export_lora_writes(tmp_path, capsys):
+    from moslora.cli.main import main
+
+    base, model = trained(tiny_llama, ["q_proj"])
+    moslora.save_adapter(model, tmp_path / "native")
+    assert main(["export", str(tmp_path / "native"), str(tmp_path / "out")]) == 0
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
+    torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
+    assert main(["export", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # One module per subcommand, in the order ``moslora --help`` lists them.
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
