@@ -1,0 +1,178 @@
+"""Scoring a causal LM (with or without a MoSLoRA adapter) on a commonsense test set.
+
+Two ways to get a prediction for each row's Alpaca prompt (the one training used):
+
+- ``generate`` (the paper's): greedy decoding, batched with left padding, then the first answer
+  label found in the response (see :mod:`moslora.eval.tasks`). The authors decoded one row at a
+  time with beam search; greedy batches give the same kind of number much faster.
+- ``loglik``: no decoding. Each option is appended as ``<prompt><answer_prefix> <option>`` and
+  the option with the highest total log-probability of its own tokens wins. One forward pass per
+  option, and never "no answer".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from moslora.eval.tasks import choices, extract_answer, get_task
+from moslora.io.atomic import atomic_write_json
+from moslora.train.data import prompt, read_rows
+
+SCORINGS = ("generate", "loglik")
+ANSWER_PREFIX = "the correct answer is"  # how the commonsense_170k responses begin
+
+
+def load_rows(data: str | os.PathLike | Sequence[dict[str, Any]], *, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows with at least ``instruction`` and ``answer``, from a JSON/JSONL file or a list."""
+    if isinstance(data, (str, os.PathLike)):
+        rows = read_rows(data, required=("instruction", "answer")).dataset.to_list()
+    else:
+        rows = list(data)
+    return rows[:limit] if limit is not None else rows
+
+
+@torch.inference_mode()
+def generate_responses(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 32) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt."""
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
+        generated = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        out += tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8) -> list[float]:
+    """log p(continuation | context) summed over the continuation's tokens, for each pair.
+
+    The continuation's tokens are those of ``context + continuation`` past the tokens of
+    ``context`` alone (continuations start with a space, so the boundary tokenizes the same).
+    """
+    tokenizer.padding_side = "right"
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(contexts), batch_size):
+        ctx = contexts[start : start + batch_size]
+        full = [c + x for c, x in zip(ctx, continuations[start : start + batch_size])]
+        n_ctx = [len(ids) for ids in tokenizer(list(ctx))["input_ids"]]
+        batch = tokenizer(full, return_tensors="pt", padding=True).to(device)
+        logits = model(**batch).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        positions = torch.arange(logp.shape[1], device=device)[None]
+        ends = batch["attention_mask"].sum(1, keepdim=True) - 1
+        # token t+1 is predicted at position t; continuation tokens are n_ctx .. end
+        mask = (positions >= torch.tensor(n_ctx, device=device)[:, None] - 1) & (positions < ends)
+        scores += (logp * mask).sum(1).tolist()
+    return scores
+
+
+def evaluate(
+    model,
+    tokenizer,
+    data: str | os.PathLike | Sequence[dict[str, Any]],
+    dataset: str,
+    *,
+    scoring: str = "generate",
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    answer_prefix: str = ANSWER_PREFIX,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Accuracy of ``model`` on the rows of ``data`` for the paper's data set ``dataset``.
+
+    Returns ``{"dataset", "scoring", "accuracy", "correct", "total", "no_answer", "examples"}``,
+    each example with its prediction (the response, or the option scores), the extracted answer
+    and the gold one.
+    """
+    get_task(dataset)
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    rows = load_rows(data, limit=limit)
+    prompts = [prompt(r["instruction"], r.get("input")) for r in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        if scoring == "generate":
+            responses = generate_responses(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            predictions = [{"prediction": text, "extracted": extract_answer(dataset, text)} for text in responses]
+        else:
+            options = [choices(dataset, r["instruction"]) for r in rows]
+            pairs = [(p + answer_prefix, " " + o) for p, opts in zip(prompts, options) for o in opts]
+            flat = continuation_logprobs(model, tokenizer, [c for c, _ in pairs], [x for _, x in pairs], batch_size=batch_size)
+            predictions, at = [], 0
+            for opts in options:
+                scores = dict(zip(opts, flat[at : at + len(opts)]))
+                at += len(opts)
+                predictions.append({"prediction": scores, "extracted": max(scores, key=scores.get)})
+    finally:
+        model.train(was_training)
+    examples = []
+    for i, (row, pred) in enumerate(zip(rows, predictions)):
+        examples.append({"index": i, "instruction": row["instruction"], **pred, "answer": row["answer"],
+                         "correct": pred["extracted"] == row["answer"]})
+    correct = sum(e["correct"] for e in examples)
+    return {
+        "dataset": dataset,
+        "scoring": scoring,
+        "accuracy": correct / len(examples) if examples else 0.0,
+        "correct": correct,
+        "total": len(examples),
+        "no_answer": sum(e["extracted"] == "" for e in examples),
+        "examples": examples,
+    }
+
+
+def evaluate_adapter(
+    model: str,
+    data: str | os.PathLike,
+    dataset: str,
+    *,
+    adapter: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    quantize: str | None = None,
+    precision: str = "auto",
+    **options: Any,
+) -> dict[str, Any]:
+    """Load ``model`` (plus the native adapter in ``adapter`` when given), :func:`evaluate` it,
+    and, with ``output``, write the results there. An existing results file for the same model
+    and adapter keeps its other data sets, so one file can collect all eight."""
+    from moslora.io.native import load_adapter
+    from moslora.train.model import load_model
+
+    lm, tokenizer = load_model(model, precision=precision, quantize=quantize, for_training=False)
+    if torch.cuda.is_available() and quantize is None:
+        lm = lm.to("cuda")
+    if adapter is not None:
+        load_adapter(lm, adapter, trainable=False)
+    result = evaluate(lm, tokenizer, data, dataset, **options)
+    result["data"] = str(data)
+    if output is not None:
+        _write_results(Path(output), model, adapter, result)
+    return result
+
+
+def _write_results(path: Path, model: str, adapter: Any, result: dict[str, Any]) -> None:
+    header = {"model": model, "adapter": str(adapter) if adapter is not None else None}
+    merged = {**header, "datasets": {}}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if isinstance(old, dict) and {k: old.get(k) for k in header} == header and isinstance(old.get("datasets"), dict):
+            merged["datasets"] = old["datasets"]
+    merged["datasets"][result["dataset"]] = result
+    accuracies = [d["accuracy"] for d in merged["datasets"].values()]
+    merged["average_accuracy"] = sum(accuracies) / len(accuracies)
+    atomic_write_json(path, merged)

@@ -1,0 +1,69 @@
+"""Loading a base causal LM and its tokenizer for training or evaluation: a hub id, a local
+folder, or a single ``.gguf`` file (dequantized by transformers), optionally 4-bit (QLoRA)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def resolve_dtype(precision: str) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that has it, fp32 otherwise (CPU fp16/bf16 training is slow or lossy)."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_model(name_or_path: str, *, precision: str = "auto", quantize: str | None = None, for_training: bool = True) -> tuple[Any, Any]:
+    """``(model, tokenizer)``. The tokenizer gets a pad token (unk, else EOS) when it has none.
+
+    With ``quantize="4bit"`` the linear layers are NF4 with double quantization and the adapters
+    stay in fp32 (the QLoRA recipe). On CPU, bitsandbytes repacks a 4-bit weight for faster
+    inference the first time it runs in eval mode without grad; after that its matmul no longer
+    passes gradients back, so every adapter below it silently stops learning. For training the
+    repacking is switched off on every 4-bit layer before anything runs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, extra = _source(name_or_path)
+    dtype = resolve_dtype(precision)
+    kwargs: dict[str, Any] = {"dtype": dtype, **extra}
+    if quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        kwargs["device_map"] = {"": local_rank if torch.cuda.is_available() else "cpu"}
+    elif quantize is not None:
+        raise ValueError(f"quantize must be None or '4bit', got {quantize!r}")
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    if quantize == "4bit" and for_training:
+        keep_4bit_trainable_on_cpu(model)
+    return model, tokenizer
+
+
+def keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> int:
+    """Switch off bitsandbytes' CPU inference repacking on every 4-bit layer. Returns how many."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def _source(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {name_or_path!r} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    return name_or_path, {}

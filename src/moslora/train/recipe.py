@@ -1,0 +1,165 @@
+"""A training recipe: every knob of ``moslora train`` in one dataclass.
+
+The defaults are the paper's commonsense-reasoning recipe (MoSLoRA, Wu et al. 2024, §4.1, following
+LLM-Adapters): r=16, alpha=32, dropout 0.05 on q,k,v,up,down; AdamW at lr 3e-4 with 100 warmup
+steps then linear decay; 3 epochs; batch 16 as micro-batches of 4; prompts cut at 256 tokens; 120
+rows held out for validation. A YAML recipe overrides the defaults, and command-line flags
+override the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moslora.config import MIXERS, MoSLoRAConfig
+
+METHODS = ("moslora", "lora")
+QUANTIZE = (None, "4bit")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCORING = ("generate", "loglik")
+
+
+@dataclass
+class Recipe:
+    """How to fine-tune a causal LM with MoSLoRA (or plain LoRA).
+
+    ``batch_size`` is the effective batch over all processes: gradient accumulation is
+    ``batch_size / (micro_batch_size · world_size)`` and must come out a whole number.
+    ``max_steps`` (when set) overrides ``num_epochs``. ``precision="auto"`` trains in bf16 where the
+    GPU supports it and in fp32 otherwise.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    output: str | None = None
+    method: str = "moslora"
+    mixer: str = "kaiming"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    num_epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    micro_batch_size: int = 4
+    cutoff_len: int = 256
+    val_set_size: int = 120
+    warmup_steps: int = 100
+    lr_scheduler: str = "linear"
+    optimizer: str = "adamw_torch"
+    max_grad_norm: float = 1.0
+    train_on_inputs: bool = False
+    add_eos_token: bool = True
+    save_steps: int = 80
+    eval_steps: int = 80
+    logging_steps: int = 10
+    save_total_limit: int | None = 3
+    seed: int = 42
+    data_seed: int = 42
+    precision: str = "auto"
+    quantize: str | None = None
+    gradient_checkpointing: bool = False
+    skip_bad_rows: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "dropout", "learning_rate", "weight_decay", "num_epochs", "max_grad_norm"):
+            setattr(self, name, _number(name, getattr(self, name)))
+        if self.method not in METHODS:
+            raise ValueError(f"recipe: method must be one of {METHODS}, got {self.method!r}")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"recipe: mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"recipe: quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"recipe: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "micro_batch_size", "cutoff_len", "save_steps", "eval_steps", "logging_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"recipe: {name} must be a positive integer, got {value!r}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"recipe: batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        if self.val_set_size < 0 or self.warmup_steps < 0:
+            raise ValueError("recipe: val_set_size and warmup_steps must be >= 0")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"recipe: max_steps must be positive, got {self.max_steps}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"recipe: learning_rate must be positive, got {self.learning_rate}")
+        self.adapter_config()  # r, alpha, dropout and targets are checked where they are defined
+
+    @property
+    def mixer_or_none(self) -> str | None:
+        """The mixer kind; ``None`` for ``method="lora"`` (plain LoRA is MoSLoRA without M)."""
+        return None if self.method == "lora" else self.mixer
+
+    def adapter_config(self) -> MoSLoRAConfig:
+        return MoSLoRAConfig(
+            r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules, mixer=self.mixer_or_none
+        )
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size × processes "
+                f"({self.micro_batch_size} × {world_size})"
+            )
+        return self.batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+
+def _number(name: str, value: Any) -> float:
+    # PyYAML reads "3e-4" (no dot) as a string; accept it as the number it plainly is.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"recipe: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def recipe_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(Recipe)]
+
+
+def load_recipe(path: str | os.PathLike | None = None, **overrides: Any) -> Recipe:
+    """Paper defaults, then the YAML file at ``path``, then ``overrides`` (``None`` values ignored).
+
+    An unknown key in the file is an error naming it: a typo must not silently fall back to a default.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe {path} must be a YAML mapping of field: value, got {type(data).__name__}")
+        known = set(recipe_fields())
+        for key in data:
+            if key not in known:
+                raise ValueError(f"recipe {path}: unknown key {key!r}; known keys are {sorted(known)}")
+        values.update(data)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Recipe(**values)
+    except TypeError as e:
+        raise ValueError(f"recipe{' ' + str(path) if path else ''}: {e}") from e
