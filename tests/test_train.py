@@ -278,7 +278,7 @@ def test_two_process_cpu_ddp_through_torchrun(tiny, train_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "moslora.cli.main",
            "train", "--model", str(tiny), "--data", str(train_file), "--output", str(out), "--max-steps", "3",
-           "--save-steps", "2", "--batch-size", "4", "--micro-batch-size", "1", "--val-set-size", "4", "--eval-steps", "2", "--r", "4"]
+           "--save-steps", "2", "--batch-size", "4", "--micro-batch-size", "1", "--val-set-size", "4", "--eval-steps", "2", "--rank", "4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())

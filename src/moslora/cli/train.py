@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML recipe (see recipes/); flags override it")
     p.add_argument("--method", choices=("moslora", "lora"), help="lora = the same adapter without the mixer")
     p.add_argument("--mixer", choices=MIXERS, help="mixer kind for --method moslora (default kaiming)")
-    p.add_argument("--r", type=int, help="rank (default 16)")
+    # --rank too: torchrun reads a bare --r as an abbreviation of its own --rdzv-* options
+    p.add_argument("--r", "--rank", dest="r", type=int, help="rank (default 16)")
     p.add_argument("--alpha", type=float, help="scaling numerator (default 32)")
     p.add_argument("--dropout", type=float, help="adapter input dropout (default 0.05)")
     p.add_argument("--target-modules", nargs="+", help="layer names (default q_proj k_proj v_proj up_proj down_proj)")
