@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import warnings
 
 import pytest
 import torch
@@ -281,3 +283,90 @@ def test_cli_export_writes_what_export_lora_writes(tmp_path, capsys):
     torch.testing.assert_close(logits(loaded), logits(model), atol=1e-5, rtol=1e-5)
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ----- merging into bitsandbytes-quantized bases ---------------------------------------------------
+def quantized_mlp(bits):
+    """A tiny MLP of bitsandbytes layers (output sizes divisible by 32, as bitsandbytes' CPU kernel
+    for eval-mode 4-bit needs) and its full-precision original."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    if bits == 4:
+        make = lambda i, o: bnb.nn.Linear4bit(i, o, quant_type="nf4", compute_dtype=torch.float32)  # noqa: E731
+    else:
+        make = lambda i, o: bnb.nn.Linear8bitLt(i, o, has_fp16_weights=False)  # noqa: E731
+    quantized = nn.Sequential(make(64, 64), nn.ReLU(), make(64, 32))
+    quantized.load_state_dict(dense.state_dict())
+    return quantized.to("cpu")  # moving to a device is what quantizes bitsandbytes weights
+
+
+def dequantized_by_hand(layer):
+    import bitsandbytes as bnb
+
+    if type(layer.weight).__name__ == "Params4bit":
+        return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    return layer.weight.data.float() * layer.weight.SCB.float()[:, None] / 127
+
+
+def adapted_quantized_mlp(bits, std=0.05):
+    model = moslora.inject(quantized_mlp(bits), moslora.MoSLoRAConfig(r=4, alpha=8, target_modules=["0", "2"]))
+    perturb(model, std=std)
+    return model
+
+
+def hand_delta(layer):
+    return layer.scaling * layer.lora_B.detach() @ layer.lora_M.detach() @ layer.lora_A.detach()
+
+
+def reported_error(record) -> float:
+    messages = [str(w.message) for w in record if "quantized weight" in str(w.message)]
+    assert len(messages) == 1, messages
+    return float(re.search(r"max abs error ([0-9.e+-]+)", messages[0]).group(1))
+
+
+def test_merge_into_4bit_requantizes_and_reports_the_rounding_error():
+    import bitsandbytes as bnb
+
+    model = adapted_quantized_mlp(4)
+    exact_errors = []
+    for i in (0, 2):
+        target = dequantized_by_hand(model[i].base_layer) + hand_delta(model[i])
+        q, state = bnb.functional.quantize_4bit(target, blocksize=64, compress_statistics=True, quant_type="nf4")
+        exact_errors.append((bnb.functional.dequantize_4bit(q, state) - target).abs().max().item())
+    with pytest.warns(UserWarning, match="approximate") as record:
+        moslora.merge(model)
+    assert type(model[0].base_layer.weight).__name__ == "Params4bit", "the base stays 4-bit"
+    assert reported_error(record) == pytest.approx(max(exact_errors), rel=1e-2)
+    assert 0 < reported_error(record) < 0.1
+
+
+def test_merge_after_an_eval_forward_of_a_4bit_model():
+    # On CPUs with AVX512-BF16 an eval-mode forward repacks 4-bit weights into another layout.
+    model = adapted_quantized_mlp(4).eval()
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unmerged = model(x)
+    with pytest.warns(UserWarning, match="approximate") as record:
+        moslora.merge(model)
+    assert 0 < reported_error(record) < 0.1
+    with torch.no_grad():
+        merged = model(x)
+    torch.testing.assert_close(merged, unmerged, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_and_unload_with_dequantize_is_an_exact_full_precision_merge(bits):
+    model = adapted_quantized_mlp(bits, std=0.2)
+    weights = {i: dequantized_by_hand(model[i].base_layer) + hand_delta(model[i]) for i in (0, 2)}
+    biases = {i: model[i].base_layer.bias.detach().float() for i in (0, 2)}
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+    expected = torch.relu(x @ weights[0].T + biases[0]) @ weights[2].T + biases[2]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*quantized weight")  # no requantization on this path
+        full = moslora.merge_and_unload(model, dequantize=True)
+    assert all(type(full[i]) is nn.Linear for i in (0, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(full(x).float(), expected, atol=1e-5, rtol=1e-5)
+

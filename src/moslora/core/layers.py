@@ -145,20 +145,23 @@ class MoSLoRALayer(nn.Module):
             init_mixer_(self.lora_M.data, self.mixer_init)
 
     @torch.no_grad()
-    def merge(self, delta: torch.Tensor | None = None) -> None:
-        """Add ΔW into the base weight; the adapter is then skipped in forward."""
+    def merge(self, delta: torch.Tensor | None = None) -> float | None:
+        """Add ΔW into the base weight; the adapter is then skipped in forward. Returns the
+        requantization error for a quantized base (see :func:`moslora.core.weights.add_to_weight`)."""
         if self.merged:
             raise ValueError("this MoSLoRA layer is already merged; unmerge it first")
-        add_to_weight(self.base_layer, self.get_delta_weight() if delta is None else delta, sign=1)
+        error = add_to_weight(self.base_layer, self.get_delta_weight() if delta is None else delta, sign=1)
         self.merged = True
+        return error
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract ΔW from the base weight again."""
+    def unmerge(self) -> float | None:
+        """Subtract ΔW from the base weight again (returns the requantization error, as merge)."""
         if not self.merged:
             raise ValueError("this MoSLoRA layer is not merged, so there is nothing to unmerge")
-        add_to_weight(self.base_layer, self.get_delta_weight(), sign=-1)
+        error = add_to_weight(self.base_layer, self.get_delta_weight(), sign=-1)
         self.merged = False
+        return error
 
     def extra_repr(self) -> str:
         mixer = "none" if self.lora_M is None else f"{self.mixer_init}{'' if self.lora_M.requires_grad else ', frozen'}"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from moslora.model.inject import adapter_layers, saved_module_names, unload
+from moslora.core.weights import dense_copy
+from moslora.model.inject import _parent, adapter_layers, saved_module_names, unload
 
 
 def _layers_or_raise(model: nn.Module):
@@ -24,6 +26,10 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
 
     With ``safe=True`` every ΔW is checked to be finite before any base weight is touched; a
     non-finite one raises ``ValueError`` naming the layer, and the model is left as it was.
+
+    A quantized base weight (bitsandbytes 4-bit, 8-bit) is dequantized, ΔW added, and requantized;
+    the rounding makes that approximate, and a warning reports the max abs error. For an exact
+    merge into a full-precision model use ``merge_and_unload(model, dequantize=True)``.
     """
     layers = _layers_or_raise(model)
     already = [name for name, layer in layers if layer.merged]
@@ -33,8 +39,7 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
         for name, layer in layers:
             if not torch.isfinite(layer.get_delta_weight()).all():
                 raise ValueError(f"refusing to merge: ΔW of layer {name!r} has NaN or Inf values; no weight was changed")
-    for _, layer in layers:
-        layer.merge()
+    _warn_requantized("merge", {name: layer.merge() for name, layer in layers})
     return model
 
 
@@ -44,23 +49,51 @@ def unmerge(model: nn.Module) -> nn.Module:
     layers = _layers_or_raise(model)
     if not any(layer.merged for _, layer in layers):
         raise ValueError("the adapters are not merged, so there is nothing to unmerge")
-    for _, layer in layers:
-        if layer.merged:
-            layer.unmerge()
+    _warn_requantized("unmerge", {name: layer.unmerge() for name, layer in layers if layer.merged})
     return model
 
 
-def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, safe: bool = True, dequantize: bool = False) -> nn.Module:
     """Merge every adapter into its base weight and put the plain base layers back.
 
-    The result has the base model's modules and state-dict keys and no adapter overhead.
+    The result has the base model's modules and state-dict keys and no adapter overhead. With
+    ``dequantize=True`` every quantized linear layer of the model (adapted or not) is first replaced
+    by a full-precision ``nn.Linear``, so the merge is exact and the result is a full-precision model.
     """
     layers = _layers_or_raise(model)
+    if dequantize:
+        if any(layer.merged for _, layer in layers):
+            unmerge(model)
+        _dequantize_layers(model)
     if not all(layer.merged for _, layer in layers):
         if any(layer.merged for _, layer in layers):
             unmerge(model)
         merge(model, safe=safe)
     return unload(model, merge=True)
+
+
+def _dequantize_layers(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        dense = dense_copy(module)
+        if dense is not None:
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, dense)
+    # A transformers model also records that it is quantized; it no longer is.
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+
+
+def _warn_requantized(action: str, errors: dict[str, float | None]) -> None:
+    errors = {name: e for name, e in errors.items() if e is not None}
+    if errors:
+        worst = max(errors, key=errors.get)
+        warnings.warn(
+            f"{action} rewrote {len(errors)} quantized weight(s) (dequantize, add, requantize); rounding makes this "
+            f"approximate: max abs error {errors[worst]:.3g} against the exact weights, at {worst!r}. "
+            "merge_and_unload(model, dequantize=True) merges exactly into a full-precision model",
+            stacklevel=3,
+        )
 
 
 @contextlib.contextmanager
