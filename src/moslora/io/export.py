@@ -17,6 +17,7 @@ from torch import nn
 from moslora.io.diffusers_format import write_diffusers
 from moslora.io.native import adapter_contents, read_adapter
 from moslora.io.peft_format import is_peft_dir, read_peft_dir, write_peft
+from moslora.model.inject import adapter_layers
 
 FORMATS = ("peft", "diffusers")
 
@@ -46,11 +47,16 @@ def export_lora(
         allow_pickle: read the authors' pickled ``adapter_model.bin`` (with ``weights_only=True``).
 
     Returns the output directory.
+
+    PEFT and diffusers build a conv adapter's A with the base kernel, stride and padding only, so a
+    conv with dilation or a non-zero ``padding_mode`` is refused when ``src`` is a model (a native
+    directory does not record them: export such adapters from the model).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     base_weights = {}
     if isinstance(src, nn.Module):
+        _check_convs_run_alike(src)
         description, tensors = adapter_contents(src, base_model_name_or_path=base_model_name_or_path)
     elif is_peft_dir(src):
         description, tensors, base_weights = read_peft_dir(src, allow_pickle=allow_pickle)
@@ -63,3 +69,15 @@ def export_lora(
     if base_weights:
         raise ValueError(f"{src} stores base-layer weights of embeddings, which a diffusers LoRA file cannot carry")
     return write_diffusers(out_dir, description, tensors, prefix=prefix)
+
+
+def _check_convs_run_alike(model: nn.Module) -> None:
+    for name, layer in adapter_layers(model):
+        if layer.kind != "conv":
+            continue
+        base = layer.base_layer
+        if any(d != 1 for d in base.dilation) or base.padding_mode != "zeros":
+            raise ValueError(
+                f"conv layer {name!r} has dilation={base.dilation}, padding_mode={base.padding_mode!r}; PEFT and diffusers "
+                "run a conv LoRA's A with the kernel, stride and padding only, so the exported adapter would not be equal"
+            )
