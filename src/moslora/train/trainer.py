@@ -195,6 +195,9 @@ def train_causal_lm(
         print(f"data: {len(datasets.skipped_rows)} bad rows skipped"
               + (f" (rows {datasets.skipped_rows[:10]}{'…' if len(datasets.skipped_rows) > 10 else ''})" if datasets.skipped_rows else "")
               + f", {datasets.dropped_no_response} rows whose response was cut away by cutoff_len={recipe.cutoff_len}")
+    # Right padding for training: Llama-style models derive positions from the cache, not the
+    # mask, so left padding would shift every padded row's positions.
+    tokenizer.padding_side = "right"
     guard = NonFiniteGuard()
     trainer = AdapterTrainer(
         model=lm,
