@@ -176,6 +176,8 @@ def train_causal_lm(
             raise ValueError(f"no {name} given: pass --{name} or set {name!r} in the recipe")
     out = Path(recipe.output)
     resume_from = ckpt.last_checkpoint(out) if resume else None
+    if resume and resume_from is None:
+        print(f"--resume: no complete checkpoint in {out} yet; starting from the beginning")
     if not resume and ckpt.last_checkpoint(out) is not None:
         raise ValueError(f"{out} already has checkpoints; pass --resume to continue that run, or choose another --output")
 
