@@ -20,6 +20,8 @@ from moslora.io.peft_format import is_peft_dir, read_peft_dir, write_peft
 from moslora.model.inject import adapter_layers
 
 FORMATS = ("peft", "diffusers")
+# PEFT's task_type picks the PeftModel class (and lets AutoPeftModelFor… load the adapter).
+_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS"}
 
 
 def export_lora(
@@ -58,6 +60,7 @@ def export_lora(
     if isinstance(src, nn.Module):
         _check_convs_run_alike(src)
         description, tensors = adapter_contents(src, base_model_name_or_path=base_model_name_or_path)
+        description["task_type"] = next((t for suffix, t in _TASK_TYPES.items() if type(src).__name__.endswith(suffix)), None)
     elif is_peft_dir(src):
         description, tensors, base_weights = read_peft_dir(src, allow_pickle=allow_pickle)
     else:

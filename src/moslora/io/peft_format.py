@@ -161,6 +161,7 @@ def read_peft_dir(
         "config": config.to_dict(),
         "modules": modules,
         "modules_to_save": saved_modules,
+        "task_type": cfg.get("task_type"),
     }
     return description, tensors, base_weights
 
@@ -241,7 +242,7 @@ def peft_config(description: dict[str, Any]) -> dict[str, Any]:
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     return {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": description.get("task_type"),
         "base_model_name_or_path": description.get("base_model_name_or_path"),
         "r": config.r,
         "lora_alpha": alpha,
