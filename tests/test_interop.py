@@ -318,6 +318,31 @@ def test_import_then_export_round_trips(tmp_path):
     torch.testing.assert_close(logits(loaded), logits(reference), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda cfg, t: cfg.update(use_dora=True), "use_dora"),
+        (lambda cfg, t: cfg.update(rank_pattern={"q_proj": 8}), "rank_pattern"),
+        (lambda cfg, t: t.update({"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(32)}), "refusing to drop"),
+        (lambda cfg, t: t.pop("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"), "no lora_B"),
+    ],
+    ids=["dora", "rank-pattern", "unknown-tensor", "missing-B"],
+)
+def test_import_refuses_what_it_cannot_place_exactly(tmp_path, change, message):
+    base, _ = peft_lora(tmp_path, tiny_llama, ["q_proj"])
+    config_path, weights = tmp_path / "lora" / "adapter_config.json", tmp_path / "lora" / "adapter_model.safetensors"
+    cfg = json.loads(config_path.read_text())
+    with safe_open(str(weights), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    change(cfg, tensors)
+    config_path.write_text(json.dumps(cfg))
+    save_file(tensors, str(weights))
+    model = copy.deepcopy(base)
+    with pytest.raises(AdapterFormatError, match=message):
+        moslora.import_lora(model, tmp_path / "lora")
+    assert not list(moslora.adapter_layers(model)) and not hasattr(model, "_moslora_config"), "the model is left as it was"
+
+
 def test_load_adapter_sends_plain_lora_to_import_lora(tmp_path):
     base, _ = peft_lora(tmp_path, tiny_llama, ["q_proj"])
     with pytest.raises(AdapterFormatError, match="import_lora"):

@@ -94,8 +94,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
         pickles = [name for name in PICKLE_NAMES if (directory / name).is_file()]
         if pickles:
             raise AdapterFormatError(
-                f"{directory / pickles[0]} is a pickle file, which can run arbitrary code when loaded; moslora "
-                "reads adapters from safetensors only. If you trust its source, load it with allow_pickle=True."
+                f"{directory / pickles[0]} is a pickle file, which can run arbitrary code when loaded; native moslora "
+                "adapters are safetensors only. A PEFT-style checkpoint (with its adapter_config.json) whose source you "
+                "trust loads with allow_pickle=True."
             )
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in adapter directory {str(directory)!r}")
     try:
