@@ -57,7 +57,6 @@ from moslora.io.native import (
 from moslora.model.inject import matches
 
 PREFIX = "base_model.model."
-MIXER_NAMES = ("lora_AB", "lora_mixer")
 _PART = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_AB|lora_mixer)(\.weight)?|(?P<emodule>.+)\.(?P<epart>lora_embedding_[AB])")
 _ROLE = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_AB": "lora_M", "lora_mixer": "lora_M",
          "lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}  # fmt: skip
