@@ -1,0 +1,193 @@
+"""Turn a comparison's results into a summary table (terminal and Markdown) and a figure, and save
+all three with the results JSON, each written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moslora.compare.runner import BASELINE
+from moslora.compare.stats import describe, paired
+from moslora.io.atomic import atomic_path, atomic_write_json, atomic_write_text
+
+RESULTS_FILE = "results.json"
+TABLE_FILE = "results.md"
+FIGURE_FILE = "results.png"
+
+
+def test_values(results: dict[str, Any], method: str) -> dict[int, float]:
+    """seed → test metric of ``method``."""
+    return {run["seed"]: run["value"] for run in results["runs"] if run["split"] == "test" and run["method"] == method}
+
+
+def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: picked LR, metric over test seeds, paired difference against LoRA on
+    the seeds both have, mean training time per run, trainable parameters."""
+    baseline = test_values(results, BASELINE)
+    rows = []
+    for method in results["settings"]["methods"]:
+        values = test_values(results, method)
+        runs = [run for run in results["runs"] if run["split"] == "test" and run["method"] == method]
+        seeds = sorted(set(values) & set(baseline))
+        row = {
+            "method": method,
+            "lr": results["picked_lr"].get(method),
+            **{f"metric_{k}": v for k, v in describe([values[s] for s in sorted(values)]).items()},
+            "vs_baseline": None
+            if method == BASELINE
+            else paired([values[s] for s in seeds], [baseline[s] for s in seeds]),
+            "train_seconds": sum(run["train_seconds"] for run in runs) / len(runs) if runs else None,
+            "trainable_params": runs[0]["trainable_params"] if runs else None,
+            "mixer_params": runs[0]["parameter_counts"]["M"] if runs else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def _pct(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def _p(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _columns(rows: list[dict[str, Any]], trainable_mixer: dict[str, bool]) -> tuple[list[str], list[list[str]]]:
+    header = ["method", "lr", "accuracy % (mean ± std)", "Δ vs LoRA, pts [95% CI]", "t-test p", "Wilcoxon p", "wins/losses", "s/run", "trainable params"]
+    body = []
+    for row in rows:
+        pair = row["vs_baseline"]
+        if pair is None:
+            delta, t_p, w_p, record = "(baseline)", "–", "–", "–"
+        else:
+            ci = "" if pair["ci_low"] is None else f" [{_pct(pair['ci_low'], True)}, {_pct(pair['ci_high'], True)}]"
+            delta = _pct(pair["mean_diff"], True) + ci
+            t_p, w_p = _p(pair["t_pvalue"]), _p(pair["wilcoxon_pvalue"])
+            record = f"{pair['wins']}/{pair['losses']}"
+        std = "" if row["metric_std"] is None else f" ± {_pct(row['metric_std'])}"
+        params = "–" if row["trainable_params"] is None else f"{row['trainable_params']:,}"
+        if row["mixer_params"] and not trainable_mixer.get(row["method"], True):
+            params += " (mixer frozen)"
+        body.append(
+            [
+                row["method"],
+                "–" if row["lr"] is None else f"{row['lr']:g}",
+                _pct(row["metric_mean"]) + std,
+                delta,
+                t_p,
+                w_p,
+                record,
+                "–" if row["train_seconds"] is None else f"{row['train_seconds']:.1f}",
+                params,
+            ]
+        )
+    return header, body
+
+
+def _trainable_mixer(results: dict[str, Any]) -> dict[str, bool]:
+    return {run["method"]: run["config"]["train_mixer"] for run in results["runs"]}
+
+
+def _caption(results: dict[str, Any]) -> list[str]:
+    task, settings = results["task"], results["settings"]
+    sizes = task["sizes"]
+    seeds = settings["seeds"]
+    lines = [
+        f"Task `{task['name']}`: {task['description'] or task['model']}; "
+        f"train/validation/test = {sizes['train']}/{sizes['validation']}/{sizes['test']} examples; "
+        f"{task['steps']} steps × batch {task['batch_size']}, max {task['max_length']} tokens; "
+        f"r = {settings['r']}, alpha = {task['alpha_over_r'] * settings['r']:g}.",
+    ]
+    if settings["validation_seeds"]:
+        lines.append(
+            f"Learning rate per method: best mean validation accuracy over the grid {settings['lrs']} "
+            f"(validation seeds {settings['validation_seeds']}, not used for testing); the `lr` column is the pick."
+        )
+    else:
+        lines.append(f"One learning rate for every method ({settings['lrs'][0]:g}); no search.")
+    lines.append(
+        f"Test accuracy over n = {len(seeds)} paired seeds ({', '.join(map(str, seeds))}): same head, same A, same data order per seed. "
+        "Δ = method − LoRA on the same seed, 95% CI from the t-distribution (n − 1 d.o.f.); "
+        "two-sided paired t-test and Wilcoxon signed-rank test; wins/losses = seeds where the method is above/below LoRA."
+    )
+    return lines
+
+
+def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
+    header, body = _columns(summarize(results), _trainable_mixer(results))
+    lines = [f"# moslora compare: {results['task']['name']}", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += [""] + _caption(results) + [""]
+    return "\n".join(lines)
+
+
+def text_table(results: dict[str, Any]) -> str:
+    header, body = _columns(summarize(results), _trainable_mixer(results))
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    out = [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
+    return "\n".join(out + [""] + _caption(results))
+
+
+def figure(results: dict[str, Any], path: str | Path) -> None:
+    """Left: test accuracy of every seed under every method, one line per seed joining its runs (the
+    pairs). Right: mean training-loss curve of each method over the test seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["settings"]["methods"]
+    seeds = results["settings"]["seeds"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    cmap = plt.get_cmap("tab10")
+    for k, seed in enumerate(seeds):
+        xs, ys = [], []
+        for i, method in enumerate(methods):
+            value = test_values(results, method).get(seed)
+            if value is not None:
+                xs.append(i)
+                ys.append(100 * value)
+        left.plot(xs, ys, "-o", color=cmap(k % 10), alpha=0.7, label=f"seed {seed}")
+    for i, method in enumerate(methods):
+        values = list(test_values(results, method).values())
+        if values:
+            left.hlines(100 * sum(values) / len(values), i - 0.25, i + 0.25, color="black", linewidth=2)
+    left.set_xticks(range(len(methods)), methods, rotation=15)
+    left.set_ylabel("test accuracy (%)")
+    left.set_title("per seed (lines join a seed's paired runs; bars: means)")
+    left.legend(fontsize=7, loc="best")
+    for i, method in enumerate(methods):
+        curves = [run["curve"] for run in results["runs"] if run["split"] == "test" and run["method"] == method]
+        if not curves or not curves[0]["step"]:
+            continue
+        steps = curves[0]["step"]
+        mean = [sum(c["loss"][j] for c in curves) / len(curves) for j in range(len(steps))]
+        right.plot(steps, mean, label=method, color=cmap(i % 10))
+    right.set_xlabel("step")
+    right.set_ylabel("training loss (mean over test seeds)")
+    right.set_title("learning curves")
+    right.legend(fontsize=8)
+    fig.suptitle(f"moslora compare: {results['task']['name']}, r = {results['settings']['r']}, n = {len(seeds)} seeds")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def save(results: dict[str, Any], output: str | Path, command: str | None = None, *, final: bool = True) -> dict[str, Path]:
+    """Write the results JSON (always) and, when ``final``, the Markdown table and the figure."""
+    output = Path(output)
+    paths = {"json": output / RESULTS_FILE}
+    atomic_write_json(paths["json"], {**results, "command": command})
+    if final:
+        paths["markdown"] = output / TABLE_FILE
+        paths["figure"] = output / FIGURE_FILE
+        atomic_write_text(paths["markdown"], markdown_table(results, command))
+        figure(results, paths["figure"])
+    return paths

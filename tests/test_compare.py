@@ -1,0 +1,276 @@
+"""`moslora compare`: the statistics, the pairing of runs, the task files, and a tiny end-to-end run
+on a tiny random BERT built from a config (no download, a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import stats as scipy_stats
+
+import moslora
+from moslora.compare import report
+from moslora.compare.runner import (
+    METHODS,
+    EncodedTask,
+    RunSpec,
+    build_model,
+    data_order,
+    pick_lrs,
+    run_comparison,
+    train_and_score,
+)
+from moslora.compare.stats import describe, paired
+from moslora.compare.tasks import load_task, load_task_yaml
+
+# --------------------------------------------------------------------------------------------
+# Statistics, against hand computation and scipy
+
+
+def test_describe_is_mean_and_sample_std():
+    d = describe([0.80, 0.82, 0.79, 0.85, 0.81])
+    assert d["n"] == 5
+    assert d["mean"] == pytest.approx(0.814, abs=1e-12)
+    # Σ(x − 0.814)² = 0.000212 + … = 0.00212 (by hand), / (n − 1)
+    assert d["std"] == pytest.approx(math.sqrt(0.00212 / 4), abs=1e-12)
+    assert describe([0.5])["std"] is None
+
+
+def test_paired_difference_ci_and_tests_by_hand():
+    method = [0.80, 0.82, 0.79, 0.85, 0.81]
+    lora = [0.78, 0.80, 0.80, 0.81, 0.79]
+    # d = [0.02, 0.02, −0.01, 0.04, 0.02]: mean 0.018, Σ(d − d̄)² = 0.00128, s_d = √(0.00128/4)
+    s_d = math.sqrt(0.00128 / 4)
+    t_crit = 2.7764451051977987  # t_{0.975, 4} from tables
+    p = paired(method, lora)
+    assert p["n"] == 5 and p["wins"] == 4 and p["losses"] == 1
+    assert p["mean_diff"] == pytest.approx(0.018, abs=1e-12)
+    assert p["std_diff"] == pytest.approx(s_d, abs=1e-12)
+    assert p["ci_low"] == pytest.approx(0.018 - t_crit * s_d / math.sqrt(5), abs=1e-9)
+    assert p["ci_high"] == pytest.approx(0.018 + t_crit * s_d / math.sqrt(5), abs=1e-9)
+    t = 0.018 / (s_d / math.sqrt(5))
+    assert p["t_pvalue"] == pytest.approx(2 * scipy_stats.t.sf(t, 4), rel=1e-9)
+    assert p["wilcoxon_pvalue"] == pytest.approx(scipy_stats.wilcoxon(method, lora).pvalue, rel=1e-12)
+
+
+def test_wilcoxon_exact_for_five_seeds_all_better():
+    # All 5 differences positive and distinct: only 1 of 2⁵ sign patterns is as extreme on each
+    # side, so the exact two-sided p-value is 2/32 (five seeds can never give p < 0.05).
+    p = paired([1.1, 2.2, 3.3, 4.4, 5.5], [1.0, 2.0, 3.0, 4.0, 5.0])
+    assert p["wilcoxon_pvalue"] == pytest.approx(2 / 32, abs=1e-12)
+
+
+def test_paired_undefined_quantities_are_none():
+    one = paired([0.9], [0.8])
+    assert one["mean_diff"] == pytest.approx(0.1) and one["ci_low"] is None and one["t_pvalue"] is None
+    same = paired([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
+    assert same["mean_diff"] == 0 and same["t_pvalue"] is None and same["wilcoxon_pvalue"] is None
+    with pytest.raises(ValueError, match="same length"):
+        paired([0.1, 0.2], [0.1])
+
+
+def test_each_method_gets_its_best_validation_lr():
+    runs = [
+        {"method": "lora", "lr": 1e-3, "split": "validation", "value": 0.70},
+        {"method": "lora", "lr": 3e-3, "split": "validation", "value": 0.75},
+        {"method": "moslora", "lr": 1e-3, "split": "validation", "value": 0.72},
+        {"method": "moslora", "lr": 3e-3, "split": "validation", "value": 0.60},
+        {"method": "moslora", "lr": 3e-3, "split": "test", "value": 0.99},  # test runs never pick
+    ]
+    assert pick_lrs(runs, ["lora", "moslora"], [1e-3, 3e-3]) == {"lora": 3e-3, "moslora": 1e-3}
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny task: a random 2-layer BERT and a word-level sentiment toy, written as a task file
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "great", "bad", "awful", "the", "movie", "was", "plot"]
+
+
+def _examples(n: int, offset: int) -> list[dict[str, str]]:
+    rows = []
+    for i in range(offset, offset + n):
+        positive = i % 2 == 0
+        word = ["good", "great"][i % 3 % 2] if positive else ["bad", "awful"][i % 3 % 2]
+        rows.append({"text": f"the {['movie', 'plot'][i % 5 % 2]} was {word}", "label": "pos" if positive else "neg"})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    root = tmp_path_factory.mktemp("tiny-task")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32
+    )
+    # A bare encoder, like the built-in MiniLM: the classification head is new, drawn from the seed.
+    BertModel(config).save_pretrained(root / "model")
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(root / "model")
+    for name, (n, offset) in {"train": (32, 0), "validation": (8, 100), "test": (12, 200)}.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _examples(n, offset)))
+    (root / "task.yaml").write_text(
+        "name: tiny\nmodel: model\ntrain: train.jsonl\nvalidation: validation.jsonl\ntest: test.jsonl\n"
+        "steps: 4\nbatch_size: 4\nmax_length: 8\nlog_every: 2\nwarmup_steps: 1\n"
+    )
+    return root / "task.yaml"
+
+
+def test_task_file_reads_splits_and_labels(task_file):
+    task = load_task(str(task_file))
+    assert task.name == "tiny" and task.steps == 4 and task.batch_size == 4
+    assert (len(task.train), len(task.validation), len(task.test)) == (32, 8, 12)
+    assert task.label_names == ["pos", "neg"]  # in order of first appearance in train
+    assert task.train.labels[:2] == [0, 1] and task.train.texts[0] == "the movie was good"
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"model": None}, "'model'"),
+        ({"test": None}, "'test'"),
+        ({"steps": "ten"}, "'steps'"),
+        ({"batch_size": 0}, "'batch_size'"),
+        ({"stepz": 3}, "stepz"),
+        ({"label_column": "sentiment"}, "'sentiment'"),
+        ({"train": "nowhere.csv"}, "'train'"),
+        ({"model": "nowhere"}, "'model'"),
+    ],
+)
+def test_task_file_errors_name_the_field(task_file, tmp_path, change, field):
+    import yaml
+
+    data = yaml.safe_load(task_file.read_text())
+    for key, value in change.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    for key in ("model", "train", "validation", "test"):
+        if key in data and key not in change:
+            data[key] = str(task_file.parent / data[key])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        load_task_yaml(bad)
+    assert field in str(error.value)
+
+
+def test_unknown_task_name_is_an_error():
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        load_task("nope")
+
+
+# --------------------------------------------------------------------------------------------
+# Pairing: for a seed only the mixer differs
+
+
+def test_data_order_depends_on_the_seed_only():
+    torch.manual_seed(123)
+    first = data_order(0, 10, 25)
+    torch.rand(1000)  # whatever the global generator did in between
+    assert data_order(0, 10, 25) == first
+    assert data_order(1, 10, 25) != first
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))  # whole passes
+    assert len(first) == 25
+
+
+def _adapter_tensors(model, attr):
+    return {name: getattr(layer, attr).detach().clone() for name, layer in moslora.adapter_layers(model)}
+
+
+def test_same_seed_gives_same_head_and_A_across_methods(task_file):
+    task = load_task(str(task_file))
+    models = {method: build_model(task, method, seed=0, r=4) for method in METHODS}
+    lora = models["lora"]
+    A = _adapter_tensors(lora, "lora_A")
+    assert len(A) == 2 * 6  # query, key, value, attention output, intermediate, output per layer
+    for method, model in models.items():
+        for name, tensor in _adapter_tensors(model, "lora_A").items():
+            assert torch.equal(tensor, A[name]), (method, name)
+        assert torch.equal(model.classifier.weight, lora.classifier.weight), method
+        assert torch.equal(model.bert.encoder.layer[0].attention.self.query.base_layer.weight, lora.bert.encoder.layer[0].attention.self.query.base_layer.weight)
+    assert all(layer.lora_M is None for _, layer in moslora.adapter_layers(lora))
+    M = next(moslora.adapter_layers(models["moslora"]))[1].lora_M
+    assert M is not None and M.requires_grad
+    assert not next(moslora.adapter_layers(models["moslora-frozen"]))[1].lora_M.requires_grad
+    other = build_model(task, "lora", seed=1, r=4)
+    assert not torch.equal(_adapter_tensors(other, "lora_A")[next(iter(A))], next(iter(A.values())))
+    assert not torch.equal(other.classifier.weight, lora.classifier.weight)
+
+
+def test_a_run_is_reproducible_from_its_seed(task_file):
+    encoded = EncodedTask(load_task(str(task_file)))
+    spec = RunSpec("moslora", seed=3, lr=1e-2, split="validation")
+    first, second = train_and_score(encoded, spec, r=4), train_and_score(encoded, spec, r=4)
+    assert first["curve"] == second["curve"] and first["value"] == second["value"]
+    assert first["curve"]["step"] == [2, 4]
+    assert first["config"]["mixer"] == "kaiming" and first["config"]["r"] == 4 and first["config"]["alpha"] == 8.0
+
+
+def test_frozen_bottom_cache_gives_the_full_models_outputs(task_file):
+    # frozen_layers=1: the embeddings and layer 0 run once per example; the model fed their cached
+    # output must compute exactly what the whole model computes (eval mode, any adapter state).
+    from dataclasses import replace
+
+    task = load_task(str(task_file))
+    cached_task = replace(task, frozen_layers=1)
+    encoded, cached = EncodedTask(task), EncodedTask(cached_task)
+    full, top = build_model(task, "moslora", seed=0, r=4), build_model(cached_task, "moslora", seed=0, r=4)
+    assert len(list(moslora.adapter_layers(top))) == 6  # only the remaining layer is adapted
+    with torch.no_grad():  # a non-zero update in the top layer, the same in both models
+        for (_, layer), (_, other) in zip(list(moslora.adapter_layers(full))[6:], moslora.adapter_layers(top)):
+            layer.lora_B.normal_()
+            for (attr, param), (_, other_param) in zip(layer.adapter_parameters(), other.adapter_parameters()):
+                other_param.copy_(param)
+        top.classifier.load_state_dict(full.classifier.state_dict())
+    full.eval(), top.eval()
+    examples = encoded.splits["test"][:5]
+    with torch.no_grad():
+        expected = full(**{k: v for k, v in encoded.collator()(examples).items() if k != "labels"}).logits
+        got = top(**{k: v for k, v in cached.collator()(cached.splits["test"][:5]).items() if k != "labels"}).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_compare_end_to_end_writes_json_markdown_and_figure(task_file, tmp_path):
+    from moslora.cli.main import main
+
+    out = tmp_path / "out"
+    code = main(
+        ["compare", "--task", str(task_file), "--methods", "lora,moslora,moslora-frozen", "--seeds", "2", "--r", "4"]
+        + ["--lrs", "1e-3,1e-2", "--output", str(out), "--no-progress"]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"].startswith("moslora compare --task ")
+    search = [run for run in results["runs"] if run["split"] == "validation"]
+    test = [run for run in results["runs"] if run["split"] == "test"]
+    assert len(search) == 3 * 2 and len(test) == 3 * 2
+    assert {run["seed"] for run in test} == {0, 1} and {run["seed"] for run in search} == {1000}
+    for run in test:
+        assert run["lr"] == results["picked_lr"][run["method"]]
+        assert 0.0 <= run["value"] <= 1.0 and run["curve"]["step"] == [2, 4]
+    frozen = next(run for run in test if run["method"] == "moslora-frozen")
+    trained = next(run for run in test if run["method"] == "moslora")
+    assert trained["trainable_params"] - frozen["trainable_params"] == trained["parameter_counts"]["M"] == 12 * 4 * 4
+
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split("|")[1].strip() for row in rows] == ["lora", "moslora", "moslora-frozen"]
+    assert "(baseline)" in rows[0] and "n = 2 paired seeds" in table
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = {row["method"]: row for row in report.summarize(results)}
+    values = {m: [r["value"] for r in sorted(test, key=lambda r: r["seed"]) if r["method"] == m] for m in ("lora", "moslora")}
+    assert summary["moslora"]["vs_baseline"]["mean_diff"] == pytest.approx(sum(values["moslora"]) / 2 - sum(values["lora"]) / 2)
+
+
+def test_compare_refuses_a_comparison_without_lora(task_file):
+    with pytest.raises(ValueError, match="'lora'"):
+        run_comparison(load_task(str(task_file)), methods=["moslora"], seeds=1, r=4, lrs=[1e-3], progress=False)
