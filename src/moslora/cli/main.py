@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # One module per subcommand, in the order ``moslora --help`` lists them.
-SUBCOMMANDS = ("demo", "train", "eval", "export")
+SUBCOMMANDS = ("demo", "train", "eval", "export", "compare", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
