@@ -184,3 +184,13 @@ def test_frozen_mixer_does_not_learn():
     model(x).sum().backward()
     assert model[0].lora_M.grad is None
     assert moslora.parameter_counts(model)["M"] == 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_injected_layers_take_the_train_or_eval_mode_of_the_layer_they_wrap(training):
+    base, x = make_layer("linear")
+    base.train(training)
+    model = moslora.inject(base, moslora.MoSLoRAConfig(r=4, dropout=0.5, target_modules=["0"]))
+    perturb(model)
+    assert model[0].training == training and model[0].dropout.training == training
+    assert torch.equal(model(x), model(x)) != training  # dropout is random only in training mode

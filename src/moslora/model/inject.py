@@ -89,6 +89,7 @@ def inject(model: nn.Module, config: MoSLoRAConfig) -> nn.Module:
         parent, attr = _parent(model, name)
         base = getattr(parent, attr)
         layer = layer_class_for(base, name)(base, config, init_mixer=False)
+        layer.train(base.training)  # a model injected in eval mode must not start dropping out
         setattr(parent, attr, layer)
         layers.append(layer)
     for layer in layers:
