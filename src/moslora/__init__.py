@@ -17,8 +17,10 @@ from moslora.core.layers import (
     MoSLoRALinear,
 )
 from moslora.io.export import export_lora
+from moslora.io.groups import load_adapter_groups, save_adapter_groups
 from moslora.io.native import AdapterFormatError, load_adapter, read_adapter, save_adapter
 from moslora.io.peft_format import import_lora
+from moslora.model.groups import adapter_groups, inject_groups
 from moslora.model.inject import adapter_layers, find_targets, get_config, inject, unload
 from moslora.model.ops import (
     adapter_state_dict,
@@ -38,6 +40,7 @@ __all__ = [
     "MoSLoRAEmbedding",
     "MoSLoRALayer",
     "MoSLoRALinear",
+    "adapter_groups",
     "adapter_layers",
     "adapter_state_dict",
     "disabled",
@@ -46,13 +49,16 @@ __all__ = [
     "get_config",
     "import_lora",
     "inject",
+    "inject_groups",
     "load_adapter",
+    "load_adapter_groups",
     "merge",
     "merge_and_unload",
     "parameter_counts",
     "print_trainable_parameters",
     "read_adapter",
     "save_adapter",
+    "save_adapter_groups",
     "unload",
     "unmerge",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moslora.cli import train_tasks
 from moslora.config import MIXERS
 
 
@@ -47,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-on-inputs", action="store_true", default=None, help="also compute the loss on prompt tokens")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip (and count) rows with missing fields")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output")
+    train_tasks.add_arguments(p)  # --task and the flags of the vision tasks
     p.set_defaults(func=run)
 
 
@@ -59,6 +61,8 @@ _RECIPE_FLAGS = (
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task != "causal-lm":
+        return train_tasks.run_task(args)
     from moslora.train import NonFiniteLossError, train_causal_lm
 
     overrides = {name: getattr(args, name) for name in _RECIPE_FLAGS}

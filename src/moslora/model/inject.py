@@ -101,8 +101,13 @@ def inject(model: nn.Module, config: MoSLoRAConfig) -> nn.Module:
 
 
 def saved_module_names(model: nn.Module) -> list[str]:
-    """Names of the fully trained modules (``config.modules_to_save``) of an injected model."""
-    return _modules_to_save(model, get_config(model))
+    """Names of the fully trained modules (``config.modules_to_save``) of an injected model, or of
+    every injected submodule of a model with adapter groups (see :mod:`moslora.model.groups`)."""
+    configs = {prefix: vars(module)[CONFIG_ATTR] for prefix, module in model.named_modules() if CONFIG_ATTR in vars(module)}
+    if not configs:
+        get_config(model)  # raises: no adapters
+    return [f"{prefix}.{name}" if prefix else name
+            for prefix, config in configs.items() for name in _modules_to_save(model.get_submodule(prefix), config)]
 
 
 def _modules_to_save(model: nn.Module, config: MoSLoRAConfig) -> list[str]:
@@ -148,6 +153,8 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
             layer.unmerge()
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    # Adapter groups (moslora.model.groups) keep their config on the submodule they were injected into.
+    for module in model.modules():
+        if CONFIG_ATTR in vars(module):
+            delattr(module, CONFIG_ATTR)
     return model

@@ -134,8 +134,10 @@ def recipe_fields() -> list[str]:
     return [f.name for f in dataclasses.fields(Recipe)]
 
 
-def load_recipe(path: str | os.PathLike | None = None, **overrides: Any) -> Recipe:
+def load_recipe(path: str | os.PathLike | None = None, *, cls: type = Recipe, **overrides: Any) -> Any:
     """Paper defaults, then the YAML file at ``path``, then ``overrides`` (``None`` values ignored).
+
+    ``cls`` is the recipe dataclass (:class:`Recipe`; the LLaVA and DreamBooth tasks have their own).
 
     An unknown key in the file is an error naming it: a typo must not silently fall back to a default.
     """
@@ -153,13 +155,13 @@ def load_recipe(path: str | os.PathLike | None = None, **overrides: Any) -> Reci
         data = {} if data is None else data
         if not isinstance(data, dict):
             raise ValueError(f"recipe {path} must be a YAML mapping of field: value, got {type(data).__name__}")
-        known = set(recipe_fields())
+        known = {f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in known:
                 raise ValueError(f"recipe {path}: unknown key {key!r}; known keys are {sorted(known)}")
         values.update(data)
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return Recipe(**values)
+        return cls(**values)
     except TypeError as e:
         raise ValueError(f"recipe{' ' + str(path) if path else ''}: {e}") from e
