@@ -43,7 +43,7 @@ def adapted_pipeline(model: str, adapter: str | os.PathLike, *, mode: str = "lor
     if not adapter.is_dir():
         raise FileNotFoundError(f"adapter folder {str(adapter)!r} does not exist")
     native = (adapter / CONFIG_NAME).is_file()
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype)
     if mode == "merged":
         if not native:
             raise ValueError(f"{adapter}: the merged path needs the native moslora adapter (adapter_config.json), "

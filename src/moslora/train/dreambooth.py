@@ -178,7 +178,7 @@ def load_pipeline(name_or_path: str, *, dtype: torch.dtype = torch.float32):
     """A diffusers text-to-image pipeline (Stable Diffusion or SDXL) from a hub id or a local folder."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.from_pretrained(name_or_path, torch_dtype=dtype)
+    return DiffusionPipeline.from_pretrained(name_or_path, dtype=dtype)
 
 
 def _encode_prompt(pipe, prompt: str, device: torch.device) -> dict[str, torch.Tensor]:
