@@ -112,6 +112,12 @@ def _caption(results: dict[str, Any]) -> list[str]:
         "Δ = method − LoRA on the same seed, 95% CI from the t-distribution (n − 1 d.o.f.); "
         "two-sided paired t-test and Wilcoxon signed-rank test; wins/losses = seeds where the method is above/below LoRA."
     )
+    env = results.get("environment")
+    if env:
+        lines.append(
+            f"s/run = mean training wall time per run on {env['device']} ({env['torch_threads']} torch threads; "
+            "on a shared machine it varies with the load); trainable params include the classifier head."
+        )
     return lines
 
 

@@ -153,8 +153,9 @@ def _load(task: Task) -> torch.nn.Module:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report lists the new head as missing: expected here
+    hf_logging.disable_progress_bar()  # one bar per load would break up the comparison's own bar
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             task.model,
@@ -165,6 +166,8 @@ def _load(task: Task) -> torch.nn.Module:
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def build_model(task: Task, method: str, seed: int, r: int) -> torch.nn.Module:
@@ -247,6 +250,23 @@ def train_and_score(encoded: EncodedTask, spec: RunSpec, r: int) -> dict[str, An
     }
 
 
+def _environment() -> dict[str, Any]:
+    import os
+    import platform
+
+    import transformers
+
+    return {
+        "moslora": moslora.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def plan(methods: list[str], seeds: int, lrs: list[float], validation_seeds: int) -> tuple[list[RunSpec], list[int]]:
     """The learning-rate search runs (empty for a single learning rate) and the test seeds."""
     search = []
@@ -306,8 +326,8 @@ def run_comparison(
             "r": r,
             "lrs": lrs,
             "validation_seeds": [VALIDATION_SEED_BASE + i for i in range(validation_seeds)] if search else [],
-            "torch_threads": torch.get_num_threads(),
         },
+        "environment": _environment(),
         "picked_lr": {},
         "runs": [],
     }
