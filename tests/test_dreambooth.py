@@ -21,26 +21,63 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PROMPT = "a photo of sks dog"
 
 
-def build_tiny_sd(folder: Path) -> Path:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    words = "<unk> <s> </s> <pad> a photo of sks dog on the beach in snow".split()
-    vocab = {w: i for i, w in enumerate(words)}
+    vocab = {w: i for i, w in enumerate("<unk> <s> </s> <pad> a photo of sks dog on the beach in snow".split())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        model_max_length=8)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_max_length=8)
+
+
+def text_config(**extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=15, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          max_position_embeddings=8, bos_token_id=1, eos_token_id=2, pad_token_id=3, **extra)
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8, sample_size=16)
+
+
+def build_tiny_sd(folder: Path) -> Path:
+    """A Stable Diffusion pipeline: 16×16 images, 8×8 latents, the tiny UNet of tests/tiny.py."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                                num_attention_heads=2, max_position_embeddings=8, bos_token_id=1, eos_token_id=2, pad_token_id=3))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8, sample_size=16)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(), scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=CLIPTextModel(text_config()), tokenizer=word_tokenizer(), unet=tiny_unet(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_sdxl(folder: Path) -> Path:
+    """An SDXL pipeline: two text encoders, a UNet with pooled-text and size/crop ("text_time") conditioning."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=CLIPTextModel(text_config()), text_encoder_2=CLIPTextModelWithProjection(text_config(projection_dim=16)),
+        tokenizer=word_tokenizer(), tokenizer_2=word_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -143,3 +180,16 @@ def test_cli_train_and_generate(tiny, tmp_path, capsys):
                      str(tmp_path / mode), "--steps", "2", "--mode", mode]) == 0
     lora, merged = (np.asarray(Image.open(tmp_path / m / "000.png"), dtype=int) for m in ("lora", "merged"))
     assert lora.shape == (16, 16, 3) and np.abs(lora - merged).max() <= 1  # PNG rounding of equal images
+
+
+@pytest.mark.slow
+def test_sdxl_pipeline_trains_with_its_extra_conditioning_and_both_generate_paths_agree(tmp_path):
+    tiny = build_tiny_sdxl(tmp_path / "sdxl")
+    recipe = DreamBoothRecipe(model=str(tiny), instance_prompt=PROMPT, resolution=16, max_steps=2, batch_size=2, learning_rate=1e-2,
+                              precision="fp32")
+    result = train_dreambooth(data=write_subject(tmp_path / "subject", n=2), output=tmp_path / "run", recipe=recipe)
+    assert result.metrics["steps"] == 2 and np.isfinite(result.metrics["train_loss"])
+    kwargs = dict(steps=2, guidance_scale=2.0, seed=0, output_type="np")
+    lora = generate(adapted_pipeline(str(tiny), result.output_dir, mode="lora"), [PROMPT], **kwargs)
+    merged = generate(adapted_pipeline(str(tiny), result.output_dir, mode="merged"), [PROMPT], **kwargs)
+    np.testing.assert_allclose(np.stack(lora), np.stack(merged), atol=1e-4, rtol=0)

@@ -229,18 +229,15 @@ def train_dreambooth(
                               mixed_precision=mixed_precision(recipe.precision))
     set_seed(recipe.seed)  # before inject: A and M are drawn from it
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    pipe = load_pipeline(recipe.model)
+    pipe = load_pipeline(recipe.model, dtype=weight_dtype)  # frozen parts in the mixed-precision dtype
     device = accelerator.device
-    pipe.vae.to(device, dtype=torch.float32).requires_grad_(False)
-    for name in ("text_encoder", "text_encoder_2"):
-        encoder = getattr(pipe, name, None)
-        if encoder is not None:
-            encoder.to(device, dtype=weight_dtype).requires_grad_(False)
-    unet = pipe.unet
-    unet.requires_grad_(False)
-    unet.to(device, dtype=weight_dtype)
-    inject(unet, recipe.adapter_config())  # adapters in fp32 (adapter_dtype="float32")
-    unet.to(device)
+    if weight_dtype != torch.float32:
+        pipe.vae.to(dtype=torch.float32)
+    for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        part = getattr(pipe, name, None)
+        if part is not None:
+            part.to(device).requires_grad_(False)
+    unet = inject(pipe.unet, recipe.adapter_config())  # adapters in fp32 (adapter_dtype="float32"), on the base's device
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     condition = _encode_prompt(pipe, recipe.instance_prompt, device)
