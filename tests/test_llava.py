@@ -214,9 +214,16 @@ def test_loading_a_mismatched_group_leaves_the_base_model_untouched(tiny, tmp_pa
     assert not list(moslora.adapter_layers(fresh))
 
 
-def test_training_changes_both_groups_and_the_merged_export_is_the_adapted_model(tiny, data, tmp_path):
+@pytest.fixture(scope="module")
+def run4(tiny, data, tmp_path_factory):
+    """Four optimizer steps of two micro-batches, checkpoints at steps 2 and 4."""
     path, images = data
-    result = train_llava(str(tiny), path, images, tmp_path / "run", recipe=quick())
+    return train_llava(str(tiny), path, images, tmp_path_factory.mktemp("llava-run") / "run", recipe=quick())
+
+
+def test_training_changes_both_groups_and_the_merged_export_is_the_adapted_model(tiny, data, run4, tmp_path):
+    path, images = data
+    result = run4
     out = result.output_dir
     assert result.metrics["steps"] == 4 and result.metrics["train_rows"] == 12
     assert (out / MANIFEST_NAME).is_file() and (out / "checkpoint-4" / MANIFEST_NAME).is_file()
@@ -241,6 +248,32 @@ def test_training_changes_both_groups_and_the_merged_export_is_the_adapted_model
         torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, atol=1e-4, rtol=0)
 
 
+def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny, data, run4, tmp_path):
+    """Interrupted after step 3 (last checkpoint: 2), resumed: equal to 4 uninterrupted steps.
+    Adapter dropout is on, so this also checks that the RNG state is restored."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from moslora.train.checkpoint import last_checkpoint
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    path, images = data
+    with pytest.raises(KeyboardInterrupt):
+        train_llava(str(tiny), path, images, tmp_path / "resumed", recipe=quick(), callbacks=[Crash()])
+    assert last_checkpoint(tmp_path / "resumed").name == "checkpoint-2"
+    train_llava(str(tiny), path, images, tmp_path / "resumed", recipe=quick(), resume=True)
+    for group in (LANGUAGE_MODEL, VISION_TOWER):
+        straight = load_file(run4.output_dir / group / "adapter_model.safetensors")
+        resumed = load_file(tmp_path / "resumed" / group / "adapter_model.safetensors")
+        assert straight.keys() == resumed.keys()
+        for k in straight:
+            torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6, msg=f"{group}: {k}")
+
+
 def test_cli_task_llava_runs_and_names_a_bad_row(tiny, data, tmp_path, capsys):
     from moslora.cli.main import main
 
@@ -248,8 +281,9 @@ def test_cli_task_llava_runs_and_names_a_bad_row(tiny, data, tmp_path, capsys):
     common = ["train", "--task", "llava", "--model", str(tiny), "--image-folder", str(images), "--r", "4", "--alpha", "8",
               "--vision-r", "2", "--vision-alpha", "1", "--batch-size", "2", "--micro-batch-size", "2", "--max-steps", "1",
               "--precision", "fp32"]
-    assert main(common + ["--data", str(path), "--output", str(tmp_path / "cli")]) == 0
+    assert main(common + ["--data", str(path), "--output", str(tmp_path / "cli"), "--merged-output", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "cli" / VISION_TOWER / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "processor_config.json").is_file()
     rows = json.loads(path.read_text())
     rows[1] = {"image": "1.png"}
     (tmp_path / "bad.json").write_text(json.dumps(rows))

@@ -74,6 +74,8 @@ class LlavaRecipe:
     the vision tower's (``vision_r=0`` leaves the tower frozen and unadapted). Targets are matched
     inside each submodule; ``"all-linear"`` takes every linear layer of it. ``batch_size`` is the
     effective batch over all processes, ``warmup_ratio`` the share of steps with linear warmup.
+    ``merged_output``, when set, is where the merged plain model goes after training
+    (:func:`export_merged_llava`). The projector stays frozen.
     """
 
     model: str | None = None
@@ -111,6 +113,7 @@ class LlavaRecipe:
     quantize: str | None = None
     gradient_checkpointing: bool = False
     skip_bad_rows: bool = False
+    merged_output: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("alpha", "dropout", "vision_alpha", "vision_dropout", "learning_rate", "weight_decay",
@@ -495,6 +498,8 @@ def train_llava(
         written["loss curve"] = plot_loss_curve(trainer.state.log_history, out / LOSS_CURVE_PNG,
                                                 title=f"LLaVA {recipe.method} r={recipe.r}/{recipe.vision_r} on {Path(recipe.data).name}")
         written["checkpoints"] = ckpt.last_checkpoint(out)
+        if recipe.merged_output is not None:
+            written["merged model"] = export_merged_llava(recipe.model, out, recipe.merged_output, precision=recipe.precision)
         print(summary(metrics, written))
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, out, metrics, recipe)
