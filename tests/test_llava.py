@@ -304,3 +304,31 @@ def test_qlora_4bit_step_trains_the_adapters(tiny, data, tmp_path):
     load_adapter_groups(model, result.adapter_dir, trainable=False)
     for prefix in (LANGUAGE_MODEL, VISION_TOWER):
         assert max(l.lora_B.abs().max().item() for n, l in moslora.adapter_layers(model) if n.startswith(prefix)) > 0
+
+
+def test_peft_export_of_the_groups_is_the_adapted_model(tiny, tmp_path):
+    """One PEFT adapter for the whole model, each group's alpha/r kept through alpha_pattern."""
+    from peft import PeftModel
+
+    model, _ = load_llava(str(tiny), precision="fp32")
+    inject_groups(model, {LANGUAGE_MODEL: moslora.MoSLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+                          VISION_TOWER: moslora.MoSLoRAConfig(r=2, alpha=1, target_modules=["q_proj", "fc1"])})
+    perturb(model)
+    save_adapter_groups(model, tmp_path / "groups")
+    moslora.export_lora(tmp_path / "groups", tmp_path / "peft")  # a groups directory: the whole model's adapter
+    with pytest.raises(ValueError, match="format='peft' only"):
+        moslora.export_lora(model, tmp_path / "d", format="diffusers")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2, 1)  # the first group in model order: the vision tower
+    assert set(config["rank_pattern"].values()) == {4} and set(config["alpha_pattern"].values()) == {8}
+    base, _ = load_llava(str(tiny), precision="fp32")
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    g = torch.Generator().manual_seed(1)
+    inputs = {"input_ids": torch.tensor([[1] + [4] * 16 + [5, 6, 7]]), "pixel_values": torch.randn(1, 3, 32, 32, generator=g)}
+    model.eval()
+    with torch.no_grad():
+        ours, theirs = model(**inputs).logits, peft_model(**inputs).logits
+        with moslora.disabled(model):
+            plain = model(**inputs).logits
+    assert (ours - plain).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)

@@ -15,8 +15,10 @@ from pathlib import Path
 from torch import nn
 
 from moslora.io.diffusers_format import write_diffusers
+from moslora.io.groups import export_groups_peft, is_groups_dir
 from moslora.io.native import adapter_contents, read_adapter
 from moslora.io.peft_format import is_peft_dir, read_peft_dir, write_peft
+from moslora.model.groups import adapter_groups
 from moslora.model.inject import adapter_layers
 
 FORMATS = ("peft", "diffusers")
@@ -38,7 +40,8 @@ def export_lora(
     Args:
         src: a model with MoSLoRA adapters, or an adapter directory (native, or the authors'
             PEFT-style checkpoint with ``lora_AB`` / ``lora_mixer`` tensors; a plain PEFT LoRA
-            directory is rewritten as is).
+            directory is rewritten as is). A model with adapter groups, or a groups directory,
+            becomes one PEFT adapter of the whole model (:func:`moslora.io.groups.export_groups_peft`).
         out_dir: where to write; created if needed.
         format: ``"peft"`` (``adapter_config.json`` + ``adapter_model.safetensors`` for
             ``PeftModel.from_pretrained``, vLLM, TGI, llama.cpp's converter) or ``"diffusers"``
@@ -56,6 +59,11 @@ def export_lora(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if _has_groups(src):
+        # Adapter groups (e.g. LLaVA's language model and vision tower): one PEFT adapter for the whole model.
+        if format != "peft":
+            raise ValueError("adapter groups export to format='peft' only (one group alone: export its subfolder)")
+        return export_groups_peft(src, out_dir, base_model_name_or_path=base_model_name_or_path)
     base_weights = {}
     if isinstance(src, nn.Module):
         _check_convs_run_alike(src)
@@ -84,3 +92,10 @@ def _check_convs_run_alike(model: nn.Module) -> None:
                 f"conv layer {name!r} has dilation={base.dilation}, padding_mode={base.padding_mode!r}; PEFT and diffusers "
                 "run a conv LoRA's A with the kernel, stride and padding only, so the exported adapter would not be equal"
             )
+
+
+def _has_groups(src: nn.Module | str | os.PathLike) -> bool:
+    if isinstance(src, nn.Module):
+        groups = adapter_groups(src)
+        return bool(groups) and "" not in groups
+    return is_groups_dir(src)

@@ -10,7 +10,8 @@ submodule, and a manifest written last::
     model.vision_tower/adapter_config.json, adapter_model.safetensors
 
 Each subfolder is an ordinary native adapter, so ``moslora.load_adapter(model.get_submodule(g), dir/g)``
-and ``moslora.export_lora(dir/g, ...)`` work on one group alone.
+works on one group alone. :func:`export_groups_peft` writes the whole model's adapter as one PEFT
+LoRA adapter: the groups' own ranks and alphas go in PEFT's ``rank_pattern`` and ``alpha_pattern``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from typing import Any
 from torch import nn
 
 from moslora.io.atomic import atomic_write_json
-from moslora.io.native import AdapterFormatError, _check_module_name, place_adapter, read_adapter, save_adapter
+from moslora.config import MoSLoRAConfig
+from moslora.io.native import (
+    CONFIG_NAME,
+    AdapterFormatError,
+    _check_module_name,
+    adapter_contents,
+    place_adapter,
+    read_adapter,
+    save_adapter,
+)
 from moslora.model.groups import adapter_groups
 from moslora.model.inject import adapter_layers, unload
 
@@ -106,3 +116,43 @@ def load_adapter_groups(model: nn.Module, directory: str | os.PathLike, *, train
             unload(model)
         raise
     return model
+
+
+def export_groups_peft(src: nn.Module | str | os.PathLike, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapter groups of ``src`` (a model with groups, or a groups directory) as ONE PEFT
+    LoRA adapter of the whole model, exactly equal: each mixer folded into A (A' = M·A), module
+    names prefixed with their group, and the first group's r and alpha as PEFT's ``r`` and
+    ``lora_alpha`` with the other groups' in ``rank_pattern`` / ``alpha_pattern`` (so PEFT's
+    scaling is each group's own alpha/r). Loads with ``PeftModel.from_pretrained(base, out_dir)``.
+    """
+    from moslora.io.peft_format import write_peft
+
+    if isinstance(src, nn.Module):
+        groups = adapter_groups(src)
+        if not groups or "" in groups:
+            raise ValueError("this model has no adapter groups; export a model injected as a whole with moslora.export_lora")
+        parts = [(prefix, *adapter_contents(src.get_submodule(prefix))) for prefix in groups]
+    else:
+        parts = [(prefix, *read_adapter(Path(src) / prefix)) for prefix in read_manifest(src)["groups"]]
+    first = MoSLoRAConfig.from_dict(parts[0][1]["config"])
+    modules, tensors, saved, rank_pattern, alpha_pattern = {}, {}, [], {}, {}
+    for prefix, description, group_tensors in parts:
+        config = MoSLoRAConfig.from_dict(description["config"])
+        if config.use_rslora != first.use_rslora:
+            raise ValueError("PEFT has one use_rslora for the whole adapter; these groups differ in it")
+        for name, info in description["modules"].items():
+            modules[f"{prefix}.{name}"] = info
+            if config.r != first.r:
+                rank_pattern[f"{prefix}.{name}"] = config.r
+            if config.alpha != first.alpha:
+                alpha_pattern[f"{prefix}.{name}"] = config.alpha
+        tensors.update({f"{prefix}.{key}": tensor for key, tensor in group_tensors.items()})
+        saved += [f"{prefix}.{name}" for name in description["modules_to_save"]]
+    combined = {**parts[0][1], "modules": modules, "modules_to_save": saved}
+    if base_model_name_or_path is not None:
+        combined["base_model_name_or_path"] = base_model_name_or_path
+    out_dir = write_peft(out_dir, combined, tensors)
+    config_path = out_dir / CONFIG_NAME
+    peft_config = json.loads(config_path.read_text(encoding="utf-8"))
+    atomic_write_json(config_path, {**peft_config, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern})
+    return out_dir
