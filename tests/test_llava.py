@@ -201,6 +201,24 @@ def test_groups_have_their_own_settings_and_save_load_merge_work_on_the_whole_mo
         torch.testing.assert_close(merged(**inputs).logits, adapted, atol=1e-4, rtol=0)
 
 
+def test_groups_must_be_distinct_existing_submodules_of_a_model_without_adapters(tmp_path):
+    from tiny import tiny_llama
+
+    model = tiny_llama()
+    config = moslora.MoSLoRAConfig(r=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="overlap"):
+        inject_groups(model, {"model": config, "model.layers.0": config})
+    with pytest.raises(ValueError, match="no such submodule"):
+        inject_groups(model, {"model.vision_tower": config})
+    with pytest.raises(ValueError, match="matched no module"):  # a failed group leaves nothing behind
+        inject_groups(model, {"model.layers.0": config, "model.layers.1": config.replace(target_modules=["nope"])})
+    assert not list(moslora.adapter_layers(model)) and adapter_groups(model) == {}
+    moslora.inject(model, config)
+    assert adapter_groups(model) == {"": config}  # a model injected as a whole is the one-group case
+    with pytest.raises(ValueError, match="save it with moslora.save_adapter"):
+        save_adapter_groups(model, tmp_path)
+
+
 def test_loading_a_mismatched_group_leaves_the_base_model_untouched(tiny, tmp_path):
     model, _ = load_llava(str(tiny), precision="fp32")
     inject_groups(model, {LANGUAGE_MODEL: moslora.MoSLoRAConfig(r=4), VISION_TOWER: moslora.MoSLoRAConfig(r=2)})
