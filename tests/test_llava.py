@@ -145,6 +145,22 @@ def test_loss_sees_only_the_answers_and_images_are_processed(tiny, data):
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["input_ids"].shape == batch["labels"].shape
 
 
+def test_the_processors_chat_template_can_format_the_rows(tiny, data):
+    _, processor = load_llava(str(tiny), precision="fp32")
+    processor.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} :{% for c in m['content'] %}{% if c['type'] == 'image' %} <image>"
+        "{% else %} {{ c['text'] }}{% endif %}{% endfor %} </s>{% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+    )
+    rows = read_conversations(*data, image_token=processor.image_token)
+    example = ConversationDataset(processor, rows.rows[1:2], system_prompt="", cutoff_len=256, template="chat")[0]
+    ids, labels = example["input_ids"], example["labels"]
+    assert ids.count(processor.image_token_id) == 16
+    learned = processor.tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
+    assert learned.split() == ["it", "is", "green", "</s>", "a", "green", "square", "</s>"]
+    with pytest.raises(ValueError, match="template must be one of"):
+        LlavaRecipe(template="vicuna")
+
+
 def test_bad_rows_are_named_or_skipped_and_counted(tiny, data, tmp_path):
     path, images = data
     rows = json.loads(path.read_text())

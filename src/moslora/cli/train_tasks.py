@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     llava.add_argument("--vision-dropout", type=float, help="vision tower adapter dropout (default 0.05)")
     llava.add_argument("--vision-target-modules", nargs="+", help="vision tower layers (default all-linear)")
     llava.add_argument("--warmup-ratio", type=float, help="share of the steps with linear warmup (default 0.03)")
+    llava.add_argument("--template", choices=("llava-v1", "chat"), help="conversation format: LLaVA-1.5's USER/ASSISTANT "
+                       "(default) or the processor's own chat template")  # fmt: skip
     llava.add_argument("--merged-output", help="also write the merged plain model (save_pretrained) here after training")
     dreambooth = p.add_argument_group("--task dreambooth")
     dreambooth.add_argument("--instance-prompt", help="the prompt naming the subject, e.g. 'a photo of sks dog'")

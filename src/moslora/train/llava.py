@@ -13,8 +13,8 @@ Data is LLaVA's conversation JSON (a list, or JSON Lines)::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}, ...]}
 
 with ``image`` relative to an image folder. Each row becomes LLaVA-1.5's conversation template
-(``<system> USER: <question> ASSISTANT: <answer></s>USER: ...``); the loss sees only the answers
-and their end-of-sequence tokens.
+(``<system> USER: <question> ASSISTANT: <answer></s>USER: ...``), or the processor's own chat
+template with ``template="chat"``; the loss sees only the answers and their end-of-turn tokens.
 
 Outputs under ``output``: the adapter groups (:mod:`moslora.io.groups`), adapter-only
 checkpoints, metrics, a loss curve; :func:`export_merged_llava` writes a plain model for
@@ -74,6 +74,8 @@ class LlavaRecipe:
     the vision tower's (``vision_r=0`` leaves the tower frozen and unadapted). Targets are matched
     inside each submodule; ``"all-linear"`` takes every linear layer of it. ``batch_size`` is the
     effective batch over all processes, ``warmup_ratio`` the share of steps with linear warmup.
+    ``template`` is ``"llava-v1"`` (LLaVA-1.5's ``USER: … ASSISTANT: …``) or ``"chat"`` (the
+    processor's own chat template, for LLaVA models trained with another one, e.g. Llama-3's).
     ``merged_output``, when set, is where the merged plain model goes after training
     (:func:`export_merged_llava`). The projector stays frozen.
     """
@@ -103,6 +105,7 @@ class LlavaRecipe:
     lr_scheduler: str = "cosine"
     optimizer: str = "adamw_torch"
     max_grad_norm: float = 1.0
+    template: str = "llava-v1"
     system_prompt: str = LLAVA_SYSTEM
     save_steps: int = 500
     logging_steps: int = 10
@@ -127,6 +130,8 @@ class LlavaRecipe:
             raise ValueError(f"recipe: quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"recipe: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"recipe: template must be one of {tuple(TEMPLATES)}, got {self.template!r}")
         for name in ("batch_size", "micro_batch_size", "cutoff_len", "save_steps", "logging_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -269,26 +274,55 @@ def image_token_count(processor) -> int:
     return sum(1 for i in ids if i == processor.image_token_id)
 
 
+def llava_v1_segments(processor, turns: list[dict[str, str]], system_prompt: str) -> list[tuple[str, bool]]:
+    """LLaVA-1.5's template (``vicuna_v1``) as (text, is_answer) pieces:
+    ``<s><system> USER: <question> ASSISTANT: <answer></s>USER: ...``."""
+    tokenizer = processor.tokenizer
+    pieces = [] if tokenizer.bos_token is None else [(tokenizer.bos_token, False)]
+    for i, turn in enumerate(turns):
+        if turn["role"] == "human":
+            pieces.append((f"{system_prompt + ' ' if i == 0 and system_prompt else ''}USER: {turn['value']} ASSISTANT:", False))
+        else:
+            pieces.append((f" {turn['value']}{tokenizer.eos_token}", True))
+    return pieces
+
+
+def chat_template_segments(processor, turns: list[dict[str, str]], system_prompt: str) -> list[tuple[str, bool]]:
+    """The processor's own chat template as (text, is_answer) pieces: each turn is what rendering
+    one more message adds (the generation prompt goes with the question, so the answer piece is
+    the answer and its end-of-turn tokens)."""
+    image_token = processor.image_token
+    messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt else []
+    pieces, previous = [], ""
+    for turn in turns:
+        content = [{"type": "text", "text": turn["value"].replace(image_token + "\n", "").replace(image_token, "")}]
+        if image_token in turn["value"]:
+            content.insert(0, {"type": "image"})
+        messages.append({"role": "user" if turn["role"] == "human" else "assistant", "content": content})
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=turn["role"] == "human")
+        if not text.startswith(previous):
+            raise ValueError("the processor's chat template does not render a conversation as a growing prefix; use template='llava-v1'")
+        pieces.append((text[len(previous):], turn["role"] == "gpt"))
+        previous = text
+    return pieces
+
+
+TEMPLATES = {"llava-v1": llava_v1_segments, "chat": chat_template_segments}
+
+
 def tokenize_conversation(processor, turns: list[dict[str, str]], *, system_prompt: str, n_image_tokens: int,
-                          cutoff_len: int) -> dict[str, list[int]] | None:
-    """Token ids and labels of one conversation in LLaVA-1.5's template, answers only in the labels.
+                          cutoff_len: int, template: str = "llava-v1") -> dict[str, list[int]] | None:
+    """Token ids and labels of one conversation in ``template``, answers only in the labels.
 
     Returns ``None`` when ``cutoff_len`` would cut into the image tokens or leave no answer token.
     """
-    tokenizer = processor.tokenizer
-    image_token = processor.image_token
-    ids: list[int] = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    labels: list[int] = [IGNORE_INDEX] * len(ids)
-    for i, turn in enumerate(turns):
-        if turn["role"] == "human":
-            text = f"{system_prompt + ' ' if i == 0 and system_prompt else ''}USER: {turn['value']} ASSISTANT:"
-            piece = tokenizer(text.replace(image_token, image_token * n_image_tokens), add_special_tokens=False)["input_ids"]
-            ids += piece
-            labels += [IGNORE_INDEX] * len(piece)
-        else:
-            piece = tokenizer(" " + turn["value"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids += piece
-            labels += piece
+    tokenizer, image_token = processor.tokenizer, processor.image_token
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, is_answer in TEMPLATES[template](processor, turns, system_prompt):
+        piece = tokenizer(text.replace(image_token, image_token * n_image_tokens), add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
     found = sum(1 for t in ids if t == processor.image_token_id)
     if found != n_image_tokens:
         raise ValueError(f"the tokenizer splits {image_token!r}: {found} image tokens instead of {n_image_tokens}; add it as a special token")
@@ -302,12 +336,13 @@ class ConversationDataset(torch.utils.data.Dataset):
     """Rows tokenized up front (so rows cut away by ``cutoff_len`` are known and counted); images
     are read and processed when a row is fetched."""
 
-    def __init__(self, processor, rows: list[dict[str, Any]], *, system_prompt: str, cutoff_len: int) -> None:
+    def __init__(self, processor, rows: list[dict[str, Any]], *, system_prompt: str, cutoff_len: int, template: str = "llava-v1") -> None:
         self.processor = processor
         n = image_token_count(processor)
         self.examples, self.dropped = [], 0
         for row in rows:
-            tokens = tokenize_conversation(processor, row["turns"], system_prompt=system_prompt, n_image_tokens=n, cutoff_len=cutoff_len)
+            tokens = tokenize_conversation(processor, row["turns"], system_prompt=system_prompt, n_image_tokens=n, cutoff_len=cutoff_len,
+                                           template=template)
             if tokens is None:
                 self.dropped += 1
             else:
@@ -433,7 +468,7 @@ def train_llava(
     set_seed(recipe.seed)  # before inject: A and M are drawn from it
     base, processor = load_llava(recipe.model, precision=recipe.precision, quantize=recipe.quantize)
     rows = read_conversations(recipe.data, recipe.image_folder, image_token=processor.image_token, skip_bad_rows=recipe.skip_bad_rows)
-    dataset = ConversationDataset(processor, rows.rows, system_prompt=recipe.system_prompt, cutoff_len=recipe.cutoff_len)
+    dataset = ConversationDataset(processor, rows.rows, system_prompt=recipe.system_prompt, cutoff_len=recipe.cutoff_len, template=recipe.template)
     if len(dataset) == 0:
         raise ValueError(f"{rows.path}: every row's answers are cut away by cutoff_len={recipe.cutoff_len}")
     if recipe.gradient_checkpointing:
