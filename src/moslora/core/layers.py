@@ -55,6 +55,7 @@ class MoSLoRALayer(nn.Module):
     """
 
     kind: str = ""
+    features_last: bool = True  # activations are (..., features); convolutions are (N, C, ...)
 
     def __init__(self, base_layer: nn.Module, config: MoSLoRAConfig, *, init_mixer: bool = True) -> None:
         super().__init__()
@@ -116,9 +117,15 @@ class MoSLoRALayer(nn.Module):
         h = self._down(self._adapter_input(x))
         if self.lora_M is not None:
             h = self._mix(h, self.lora_M)
-        # s is applied on the r-sized side, where it is cheapest.
-        update = self._mix(h * self.scaling, self.lora_B)
-        return result + update.to(result.dtype)
+        return self._add_update(result, h)
+
+    def _add_update(self, result: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``result + s·B·h``. With features last and matching dtypes this is one ``addmm`` (s as
+        its alpha), which never materializes B·h on its own; otherwise s is applied on the r-sized side."""
+        if self.features_last and result.dtype == h.dtype:
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.T, alpha=self.scaling)
+            return flat.view(result.shape)
+        return result + self._mix(h * self.scaling, self.lora_B).to(result.dtype)
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.lora_A.dtype:
@@ -196,6 +203,7 @@ class MoSLoRAConv(MoSLoRALayer):
     M and B are 1×1 convs. A 1×1 conv after a conv is a conv, so ΔW = s·(B·M)·A per kernel tap."""
 
     kind = "conv"
+    features_last = False
 
     @staticmethod
     def features(base_layer: nn.Module) -> tuple[int, int]:
