@@ -63,7 +63,7 @@ LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-ROLES = {"human": "USER", "gpt": "ASSISTANT"}
+ROLES = ("human", "gpt")  # LLaVA's speaker names: question, answer
 
 
 @dataclass
