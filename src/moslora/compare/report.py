@@ -135,7 +135,10 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
 def text_table(results: dict[str, Any]) -> str:
     header, body = _columns(summarize(results), _trainable_mixer(results))
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
     out = [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
     return "\n".join(out + [""] + _caption(results))
 
