@@ -159,6 +159,13 @@ def test_task_file_errors_name_the_field(task_file, tmp_path, change, field):
     assert field in str(error.value)
 
 
+def test_a_longer_budget_keeps_the_warmup_share(task_file):
+    task = load_task(str(task_file)).with_steps(8)  # from 4 steps, 1 warm-up, log every 2
+    assert (task.steps, task.warmup_steps, task.log_every) == (8, 2, 4)
+    with pytest.raises(ValueError, match="steps must be positive"):
+        task.with_steps(0)
+
+
 def test_unknown_task_name_is_an_error():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         load_task("nope")

@@ -41,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"{QUICK_LRS} only, no search, with --quick)",
     )
     p.add_argument("--validation-seeds", type=int, default=1, help="seeds per learning rate in the search (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run instead of the task's own (warm-up scales along)")
     p.add_argument("--quick", action="store_true", help="a third of the steps, smaller eval splits, 2 seeds, no LR search")
     p.add_argument("--output", default="compare-results", help="folder for results.json, results.md, results.png (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,11 +70,14 @@ def run(args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 5)
     lrs = _list(args.lrs or (QUICK_LRS if args.quick else DEFAULT_LRS), float, "--lrs")
     task = load_task(args.task)
+    if args.steps is not None:
+        task = task.with_steps(args.steps)
     if args.quick:
         task = task.quick()
     command = " ".join(
         ["moslora", "compare", "--task", shlex.quote(args.task), "--methods", ",".join(methods), "--seeds", str(seeds), "--r", str(args.r)]
         + ["--lrs", ",".join(f"{lr:g}" for lr in lrs), "--validation-seeds", str(args.validation_seeds)]
+        + (["--steps", str(args.steps)] if args.steps is not None else [])
         + (["--quick"] if args.quick else [])
         + ["--output", shlex.quote(args.output)]
     )

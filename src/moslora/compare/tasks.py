@@ -86,6 +86,17 @@ class Task:
             "description": self.description,
         }
 
+    def with_steps(self, steps: int) -> "Task":
+        """The same task with another step budget; warm-up and logging keep their share of it."""
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        return replace(
+            self,
+            steps=steps,
+            warmup_steps=self.warmup_steps * steps // self.steps,
+            log_every=max(1, self.log_every * steps // self.steps),
+        )
+
     def quick(self) -> "Task":
         """The ``--quick`` version: a third of the steps (and only the training examples they use),
         half the validation split and a third of the test split."""
