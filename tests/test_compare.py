@@ -278,6 +278,20 @@ def test_compare_end_to_end_writes_json_markdown_and_figure(task_file, tmp_path)
     assert summary["moslora"]["vs_baseline"]["mean_diff"] == pytest.approx(sum(values["moslora"]) / 2 - sum(values["lora"]) / 2)
 
 
+def test_a_cut_short_run_is_reported_on_its_finished_seeds(task_file, tmp_path):
+    from moslora.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["compare", "--task", str(task_file), "--methods", "lora,moslora", "--seeds", "2", "--r", "4", "--lrs", "1e-2", "--output", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    results["runs"] = results["runs"][:-1]  # seed 1's moslora run never finished
+    (tmp_path / "partial.json").write_text(json.dumps(results))
+    assert main(["compare", "--report-from", str(tmp_path / "partial.json"), "--output", str(tmp_path / "again")]) == 0
+    table = (tmp_path / "again" / "results.md").read_text()
+    assert "n = 1 paired seeds (0) of the 2 planned" in table
+    assert (tmp_path / "again" / "results.png").exists()
+
+
 def test_compare_refuses_a_comparison_without_lora(task_file):
     with pytest.raises(ValueError, match="'lora'"):
         run_comparison(load_task(str(task_file)), methods=["moslora"], seeds=1, r=4, lrs=[1e-3], progress=False)

@@ -20,6 +20,12 @@ def test_values(results: dict[str, Any], method: str) -> dict[int, float]:
     return {run["seed"]: run["value"] for run in results["runs"] if run["split"] == "test" and run["method"] == method}
 
 
+def finished_seeds(results: dict[str, Any]) -> list[int]:
+    """Test seeds on which every method has run (all of them, unless the run was cut short)."""
+    done = [set(test_values(results, method)) for method in results["settings"]["methods"]]
+    return sorted(set.intersection(*done)) if done else []
+
+
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per method: picked LR, metric over test seeds, paired difference against LoRA on
     the seeds both have, mean training time per run, trainable parameters."""
@@ -93,7 +99,8 @@ def _trainable_mixer(results: dict[str, Any]) -> dict[str, bool]:
 def _caption(results: dict[str, Any]) -> list[str]:
     task, settings = results["task"], results["settings"]
     sizes = task["sizes"]
-    seeds = settings["seeds"]
+    seeds = finished_seeds(results)
+    planned = len(settings["seeds"])
     lines = [
         f"Task `{task['name']}`: {task['description'] or task['model']}; "
         f"train/validation/test = {sizes['train']}/{sizes['validation']}/{sizes['test']} examples; "
@@ -108,7 +115,9 @@ def _caption(results: dict[str, Any]) -> list[str]:
     else:
         lines.append(f"One learning rate for every method ({settings['lrs'][0]:g}); no search.")
     lines.append(
-        f"Test accuracy over n = {len(seeds)} paired seeds ({', '.join(map(str, seeds))}): same head, same A, same data order per seed. "
+        f"Test accuracy over n = {len(seeds)} paired seeds ({', '.join(map(str, seeds))})"
+        + ("" if len(seeds) == planned else f" of the {planned} planned (the run was cut short; the table uses every finished run)")
+        + ": same head, same A, same data order per seed. "
         "Δ = method − LoRA on the same seed, 95% CI from the t-distribution (n − 1 d.o.f.); "
         "two-sided paired t-test and Wilcoxon signed-rank test; wins/losses = seeds where the method is above/below LoRA."
     )
@@ -152,7 +161,7 @@ def figure(results: dict[str, Any], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = results["settings"]["methods"]
-    seeds = results["settings"]["seeds"]
+    seeds = finished_seeds(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     cmap = plt.get_cmap("tab10")
     for k, seed in enumerate(seeds):

@@ -142,11 +142,14 @@ def tweets_task() -> Task:
     what lets the full comparison fit on two CPU cores shared with other work.
 
     Budget: 80 AdamW steps of 16 tweets (1,280 tweets, each seen at most once, in the seed's order),
-    max 32 tokens, 8 warm-up steps, training loss logged every 8 steps. On two uncontended cores a
-    step takes about 0.2 s, so the full default (4 methods × 3 learning rates on one validation
-    seed, then 4 methods × 5 test seeds: 32 runs) takes about 10-15 minutes, and ``--quick``
-    (27 steps, 2 seeds, no search: 8 runs) about 2. With 100 steps and all 6 layers adapted a first
-    probe reached 68% validation accuracy for LoRA at lr 3e-3; the 2-layer version reached 69%.
+    max 32 tokens, 8 warm-up steps, training loss logged every 8 steps. Measured on the 2 shared
+    cores of the development machine: about 0.1 s a step when the cores were free (a run, with
+    loading and scoring, about 10 s) and 1 s a step under a load of 5 (other jobs running). The
+    full default (4 methods × 3 learning rates on one validation seed, then 4 methods × 5 test
+    seeds: 32 runs) took 25.8 minutes, mostly under that load, and would take about 6 on free
+    cores; ``--quick`` (27 steps, 2 seeds, no search: 8 runs) took 5 minutes under the load and
+    about 1 on free cores. A first probe with 100 steps and all 6 layers adapted reached 68%
+    validation accuracy for LoRA at lr 3e-3; adapting the top 2 layers reached 69%.
     """
     splits = {name: ([], []) for name in TWEETS_PER_CLASS}
     for label, texts in enumerate(_tweets_by_class()):
