@@ -62,9 +62,9 @@ def build_base(name: str, dtype: torch.dtype, device: str):
     return model.to(device=device, dtype=dtype)
 
 
-def make_variant(base, variant: str, r: int):
-    """A fresh copy of ``base`` with the variant's adapters (B made nonzero, as after training)."""
-    model = copy.deepcopy(base)
+def make_variant(base, variant: str, r: int, *, fresh_copy: bool = True):
+    """``base`` (a fresh copy of it by default) with the variant's adapters (B made nonzero, as after training)."""
+    model = copy.deepcopy(base) if fresh_copy else base
     if variant == "base":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -151,8 +151,7 @@ def memory_probe(args) -> None:
     dtype = getattr(torch, args.dtype)
     base = build_base(args.model, dtype, args.device)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), device=args.device)
-    model = make_variant(base, args._memory_probe, args.r)
-    del base
+    model = make_variant(base, args._memory_probe, args.r, fresh_copy=False)  # a copy would set the peak
     step = train_step_fn(model, ids)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
