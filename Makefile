@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/moslora demo
+	$(BIN)/moslora compare --quick --output runs/compare-quick
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
