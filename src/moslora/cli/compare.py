@@ -6,7 +6,7 @@ Methods: ``lora`` (no mixer), ``moslora`` (kaiming mixer, trained: the paper's m
 start"), ``moslora-orthogonal`` (orthogonal mixer, trained).
 
 The built-in task ``tweets`` runs offline on two CPU cores (full: 32 runs, about 6 minutes on free
-cores; ``--quick``: 8 runs, about 1 minute). Point ``--task`` at a YAML file to compare on your own
+cores; ``--quick``: 8 runs, under a minute). Point ``--task`` at a YAML file to compare on your own
 model and data.
 """
 
