@@ -183,6 +183,16 @@ def test_a_header_claiming_a_huge_tensor_is_refused_before_reading(tmp_path):
 
 # ----- interrupted writes -----------------------------------------------------------------------
 
+
+def test_saved_files_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    _, _, _, path = saved_adapter(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        assert (path / name).stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]
+
+
 SAVER = textwrap.dedent(
     """
     import sys, torch, moslora
