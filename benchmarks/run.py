@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -155,12 +154,17 @@ def memory_probe(args) -> None:
     step = train_step_fn(model, ids)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        # Building the model set the process's peak; start counting afresh (Linux: reset VmHWM).
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     for _ in range(2):
         step()
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+        peak = int(status["VmHWM"].split()[0]) / 1024
     print(json.dumps({"peak_mib": peak}))
 
 
@@ -175,6 +179,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="r=8 only, 3 repetitions, no memory probes")
+    p.add_argument("--only", choices=["train", "memory", "inference"], help="run one section")
     p.add_argument("--r", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--_memory-probe", dest="_memory_probe", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -192,16 +197,19 @@ def main() -> None:
     print(f"# moslora benchmarks: {args.model}, {args.device}, {args.dtype}, batch {args.batch}×{args.seq}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.reps} after {args.warmup} warm-up")
     for r in [int(x) for x in args.ranks.split(",")]:
-        models = {v: make_variant(base, v, r) for v in TRAIN_VARIANTS}
-        medians = interleaved_medians({v: train_step_fn(m, ids) for v, m in models.items()}, args.reps, args.warmup, sync)
-        print(table(f"training step (forward + backward + AdamW), r={r}", medians, "peft-lora"))
-        floor = medians["base"]
-        print(f"\nadapter cost over the frozen floor: peft-lora {medians['peft-lora'] - floor:+.3f} s, "
-              f"moslora-lora {medians['moslora-lora'] - floor:+.3f} s, moslora {medians['moslora'] - floor:+.3f} s")
-        del models
-        if not args.quick:
+        if args.only in (None, "train"):
+            models = {v: make_variant(base, v, r) for v in TRAIN_VARIANTS}
+            medians = interleaved_medians({v: train_step_fn(m, ids) for v, m in models.items()}, args.reps, args.warmup, sync)
+            print(table(f"training step (forward + backward + AdamW), r={r}", medians, "peft-lora"))
+            floor = medians["base"]
+            print(f"\nadapter cost over the frozen floor: peft-lora {medians['peft-lora'] - floor:+.3f} s, "
+                  f"moslora-lora {medians['moslora-lora'] - floor:+.3f} s, moslora {medians['moslora'] - floor:+.3f} s")
+            del models
+        if args.only in (None, "memory") and not args.quick:
             mem = {v: peak_memory(args, v, r) for v in TRAIN_VARIANTS}
-            print(table(f"peak memory of two training steps, r={r}", {k: v / 1e3 for k, v in mem.items()}, "peft-lora", unit="MiB", scale=1e3))
+            print(table(f"peak resident memory during two training steps, r={r}", {k: v / 1e3 for k, v in mem.items()}, "peft-lora", unit="MiB", scale=1e3))
+    if args.only not in (None, "inference"):
+        return
     r = int(args.ranks.split(",")[0])
     models = {v: make_variant(base, v, r) for v in INFER_VARIANTS}
     for name, shape in (("batch 1 × 1 token (decode-sized)", (1, 1)), (f"prefill {args.batch}×{args.seq}", (args.batch, args.seq))):
