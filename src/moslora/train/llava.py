@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -40,7 +38,7 @@ from moslora.config import ALL_LINEAR, MIXERS, MoSLoRAConfig
 from moslora.io.atomic import atomic_write_json
 from moslora.io.groups import load_adapter_groups, save_adapter_groups
 from moslora.model.groups import inject_groups
-from moslora.model.ops import merge_and_unload, parameter_counts
+from moslora.model.ops import merge_and_unload
 from moslora.train import checkpoint as ckpt
 from moslora.train.data import IGNORE_INDEX
 from moslora.train.model import keep_4bit_trainable_on_cpu, resolve_dtype
@@ -53,8 +51,8 @@ from moslora.train.trainer import (
     AdapterTrainer,
     LossAndLRBar,
     NonFiniteGuard,
-    NonFiniteLossError,
     TrainResult,
+    run_and_measure,
 )
 
 LANGUAGE_MODEL = "model.language_model"
@@ -492,39 +490,16 @@ def train_llava(
         atomic_write_json(out / TRAINING_ARGS_JSON, {"task": "llava", "recipe": recipe.to_dict(), "world_size": args.world_size,
                                                     "resumed_from": str(resume_from) if resume_from else None,
                                                     "training_arguments": args.to_dict()})
-    tokens_before = int(ckpt.read_trainer_state(resume_from).get("num_input_tokens_seen", 0)) if resume_from else 0
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - start
-    if guard.bad_step is not None:
-        last = ckpt.last_checkpoint(out)
-        raise NonFiniteLossError(
-            f"the loss became non-finite (NaN or Inf) at step {guard.bad_step}; training stopped before that step "
-            f"changed any weight. Last good checkpoint: {last if last else 'none (no checkpoint was saved yet)'}."
-        )
-    counts = parameter_counts(lm)
-    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    tokens = int(trainer.state.num_input_tokens_seen) - tokens_before
-    metrics = {
+    metrics = run_and_measure(trainer, guard, out, resume_from, lm)
+    metrics.update({
         "task": "llava",
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "train_loss": logged[-1] if logged else result.training_loss,
-        "mean_train_loss": result.training_loss,
         "eval_loss": None,
-        "train_seconds": seconds,
-        "tokens_seen": tokens,
-        "tokens_per_second": tokens / seconds if seconds > 0 else math.nan,
-        "trainable_params": counts["trainable"],
-        "total_params": counts["total"],
-        "adapter_params": {"A": counts["A"], "M": counts["M"], "B": counts["B"]},
         "train_rows": len(dataset),
         "skipped_rows": len(rows.skipped),
         "dropped_no_response": dataset.dropped,
-        "world_size": args.world_size,
         "method": recipe.method,
         "mixer": None if recipe.method == "lora" else recipe.mixer,
-    }
+    })
     if args.should_save:
         written = {"adapter": save_adapter_groups(lm, out, base_model_name_or_path=recipe.model)}
         atomic_write_json(out / METRICS_JSON, metrics)

@@ -217,44 +217,16 @@ def train_causal_lm(
                                                     "resumed_from": str(resume_from) if resume_from else None,
                                                     "training_arguments": args.to_dict()})
 
-    tokens_before = 0
-    if resume_from is not None:
-        tokens_before = int(ckpt.read_trainer_state(resume_from).get("num_input_tokens_seen", 0))
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - start
-    if guard.bad_step is not None:
-        last = ckpt.last_checkpoint(out)
-        raise NonFiniteLossError(
-            f"the loss became non-finite (NaN or Inf) at step {guard.bad_step}; training stopped before that step "
-            f"changed any weight. Last good checkpoint: {last if last else 'none (no checkpoint was saved yet)'}. "
-            "Try a lower learning rate, fp32/bf16 instead of fp16, or check the data around that step."
-        )
-
-    eval_loss = trainer.evaluate()["eval_loss"] if datasets.val is not None else None
-    counts = parameter_counts(lm)
-    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    tokens = int(trainer.state.num_input_tokens_seen) - tokens_before
-    metrics = {
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "train_loss": logged[-1] if logged else result.training_loss,
-        "mean_train_loss": result.training_loss,
-        "eval_loss": eval_loss,
-        "train_seconds": seconds,
-        "tokens_seen": tokens,
-        "tokens_per_second": tokens / seconds if seconds > 0 else math.nan,
-        "trainable_params": counts["trainable"],
-        "total_params": counts["total"],
-        "adapter_params": {"A": counts["A"], "M": counts["M"], "B": counts["B"]},
+    metrics = run_and_measure(trainer, guard, out, resume_from, lm)
+    metrics.update({
+        "eval_loss": trainer.evaluate()["eval_loss"] if datasets.val is not None else None,
         "train_rows": len(datasets.train),
         "val_rows": len(datasets.val) if datasets.val is not None else 0,
         "skipped_rows": len(datasets.skipped_rows),
         "dropped_no_response": datasets.dropped_no_response,
-        "world_size": args.world_size,
         "method": recipe.method,
         "mixer": recipe.mixer_or_none,
-    }
+    })
     written: dict[str, Path | None] = {}
     if args.should_save:
         written["adapter"] = save_adapter(lm, out, base_model_name_or_path=recipe.model)
@@ -304,3 +276,37 @@ def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def run_and_measure(trainer: Trainer, guard: Any, out: Path, resume_from: Path | None, model: torch.nn.Module) -> dict[str, Any]:
+    """Run ``trainer`` (resuming from ``resume_from`` when given) and return the metrics every run
+    reports: steps, losses, time, throughput and parameter counts. Raises
+    :class:`NonFiniteLossError` naming the step and the last good checkpoint when ``guard`` saw a
+    non-finite loss."""
+    tokens_before = int(ckpt.read_trainer_state(resume_from).get("num_input_tokens_seen", 0)) if resume_from else 0
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+    if guard.bad_step is not None:
+        last = ckpt.last_checkpoint(out)
+        raise NonFiniteLossError(
+            f"the loss became non-finite (NaN or Inf) at step {guard.bad_step}; training stopped before that step "
+            f"changed any weight. Last good checkpoint: {last if last else 'none (no checkpoint was saved yet)'}. "
+            "Try a lower learning rate, fp32/bf16 instead of fp16, or check the data around that step."
+        )
+    counts = parameter_counts(model)
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    tokens = int(trainer.state.num_input_tokens_seen) - tokens_before
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_loss": logged[-1] if logged else result.training_loss,
+        "mean_train_loss": result.training_loss,
+        "train_seconds": seconds,
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / seconds if seconds > 0 else math.nan,
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "adapter_params": {"A": counts["A"], "M": counts["M"], "B": counts["B"]},
+        "world_size": trainer.args.world_size,
+    }
