@@ -22,7 +22,6 @@ Outputs under ``output``: the native adapter of the UNet, its diffusers export i
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -39,7 +38,7 @@ from moslora.io.export import export_lora
 from moslora.io.native import save_adapter
 from moslora.model.inject import inject
 from moslora.model.ops import parameter_counts
-from moslora.train.recipe import METHODS, PRECISIONS, _number, load_recipe
+from moslora.train.recipe import METHODS, PRECISIONS, RecipeBase, _number, load_recipe
 from moslora.train.report import plot_loss_curve
 
 DIFFUSERS_DIR = "diffusers_lora"
@@ -50,7 +49,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
-class DreamBoothRecipe:
+class DreamBoothRecipe(RecipeBase):
     """Every knob of ``moslora train --task dreambooth``; the defaults are the paper's setting.
 
     ``data`` is a folder of subject images. ``batch_size`` is the effective batch over all
@@ -106,17 +105,6 @@ class DreamBoothRecipe:
         mixer = None if self.method == "lora" else self.mixer
         return MoSLoRAConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules, mixer=mixer)
 
-    def gradient_accumulation_steps(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        if self.batch_size % per_step:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size × processes ({self.micro_batch_size} × {world_size})")
-        return self.batch_size // per_step
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "DreamBoothRecipe":
-        return dataclasses.replace(self, **changes)
 
 
 @dataclass

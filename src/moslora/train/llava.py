@@ -23,7 +23,6 @@ evaluation tools.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from moslora.model.ops import merge_and_unload
 from moslora.train import checkpoint as ckpt
 from moslora.train.data import IGNORE_INDEX
 from moslora.train.model import keep_4bit_trainable_on_cpu, resolve_dtype
-from moslora.train.recipe import METHODS, PRECISIONS, QUANTIZE, _number, load_recipe
+from moslora.train.recipe import METHODS, PRECISIONS, QUANTIZE, RecipeBase, _number, load_recipe
 from moslora.train.report import plot_loss_curve, summary
 from moslora.train.trainer import (
     LOSS_CURVE_PNG,
@@ -65,7 +64,7 @@ ROLES = ("human", "gpt")  # LLaVA's speaker names: question, answer
 
 
 @dataclass
-class LlavaRecipe:
+class LlavaRecipe(RecipeBase):
     """Every knob of ``moslora train --task llava``; the defaults are the paper's LLaVA setting.
 
     ``r``/``alpha``/``dropout``/``target_modules`` set the language model's adapter, ``vision_*``
@@ -156,17 +155,6 @@ class LlavaRecipe:
             )
         return groups
 
-    def gradient_accumulation_steps(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        if self.batch_size % per_step:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size × processes ({self.micro_batch_size} × {world_size})")
-        return self.batch_size // per_step
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "LlavaRecipe":
-        return dataclasses.replace(self, **changes)
 
 
 # ----- data ----------------------------------------------------------------------------------------

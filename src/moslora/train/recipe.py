@@ -23,8 +23,28 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCORING = ("generate", "loglik")
 
 
+class RecipeBase:
+    """What every recipe dataclass (this one, LLaVA's, DreamBooth's) shares: the batch arithmetic
+    and (de)serialization. Subclasses are dataclasses with ``batch_size`` and ``micro_batch_size``."""
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size × processes "
+                f"({self.micro_batch_size} × {world_size})"
+            )
+        return self.batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class Recipe:
+class Recipe(RecipeBase):
     """How to fine-tune a causal LM with MoSLoRA (or plain LoRA).
 
     ``batch_size`` is the effective batch over all processes: gradient accumulation is
@@ -102,20 +122,6 @@ class Recipe:
             r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules, mixer=self.mixer_or_none
         )
 
-    def gradient_accumulation_steps(self, world_size: int) -> int:
-        per_step = self.micro_batch_size * world_size
-        if self.batch_size % per_step:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not a multiple of micro_batch_size × processes "
-                f"({self.micro_batch_size} × {world_size})"
-            )
-        return self.batch_size // per_step
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "Recipe":
-        return dataclasses.replace(self, **changes)
 
 
 def _number(name: str, value: Any) -> float:
