@@ -288,3 +288,36 @@ def test_two_process_cpu_ddp_through_torchrun(tiny, train_file, tmp_path):
     assert (out / "checkpoint-2" / "rng_state_0.safetensors").is_file() and (out / "checkpoint-2" / "rng_state_1.safetensors").is_file()
     assert _no_pickles(out) == []
     moslora.read_adapter(out)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tiny, train_file, tmp_path):
+    """A real kill (no Python cleanup runs) partway through, then `--resume`: the final adapter
+    equals an uninterrupted run's."""
+    import signal
+    import time
+
+    settings = dict(max_steps=8, save_steps=2, dropout=0.1, **FAST)
+    train_causal_lm(str(tiny), train_file, tmp_path / "straight", **settings)
+
+    out = tmp_path / "killed"
+    flags = ["--max-steps", "8", "--save-steps", "2", "--dropout", "0.1", "--batch-size", "4", "--micro-batch-size", "2",
+             "--val-set-size", "0", "--warmup-steps", "2", "--lr", "1e-2", "--logging-steps", "1", "--rank", "4", "--alpha", "8"]
+    cmd = [sys.executable, "-m", "moslora.cli.main", "train", "--model", str(tiny), "--data", str(train_file), "--output", str(out), *flags]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint-4 after 240 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter_model.safetensors").exists(), "killed before the end, so no final adapter"
+    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    straight = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model.safetensors")
+    assert straight.keys() == final.keys()
+    for k in straight:
+        torch.testing.assert_close(final[k], straight[k], rtol=0, atol=1e-6, msg=k)
