@@ -130,3 +130,24 @@ def test_bitsandbytes_4bit_base_trains_in_train_mode():
     model(x).square().mean().backward()
     assert model[0].lora_A.grad is not None and model[2].lora_B.grad is not None
     assert model[0].base_layer.weight.grad is None
+
+
+def test_optimum_quanto_int8_base_is_wrapped_trains_and_refuses_an_in_place_merge():
+    quanto = pytest.importorskip("optimum.quanto")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    quanto.quantize(model, weights=quanto.qint8)
+    quanto.freeze(model)
+    x = torch.randn(4, 32)
+    before = model(x)
+    moslora.inject(model, moslora.MoSLoRAConfig(r=4, target_modules=["0", "2"]))
+    assert type(model[0].base_layer).__name__ == "QLinear"
+    assert torch.equal(model(x), before)
+    model(x).square().mean().backward()
+    assert model[0].lora_A.grad is not None and model[2].lora_B.grad is not None
+    # A quantized tensor subclass has no in-place merge: refused by name, before any layer changes,
+    # even when another layer could have taken its ΔW.
+    model[0].base_layer = nn.Linear(32, 32)
+    with pytest.raises(TypeError, match="cannot merge into a QLinear whose weight is WeightQBytesTensor"):
+        moslora.merge(model)
+    assert not model[0].merged and not model[2].merged

@@ -104,6 +104,18 @@ def is_plain_float_weight(weight: torch.Tensor) -> bool:
     return type(weight.data) is torch.Tensor and weight.dtype.is_floating_point
 
 
+def check_mergeable(base_layer: nn.Module) -> None:
+    """Raise ``TypeError`` unless ΔW can be written into ``base_layer``'s weight: a dense
+    floating-point tensor, or a quantized weight of a backend in :data:`BACKENDS`."""
+    weight = base_layer.weight
+    if quantized_backend(base_layer) is None and not is_plain_float_weight(weight):
+        raise TypeError(
+            f"cannot merge into a {type(base_layer).__name__} whose weight is {type(weight.data).__name__} "
+            f"of dtype {weight.dtype}: only dense floating-point weights and "
+            f"{', '.join(b.name for b in BACKENDS)} weights can be merged"
+        )
+
+
 @torch.no_grad()
 def add_to_weight(base_layer: nn.Module, delta: torch.Tensor, sign: int) -> float | None:
     """``W ← W + sign·ΔW``, ΔW given in fp32 (or wider) and in W's layout.
@@ -119,13 +131,8 @@ def add_to_weight(base_layer: nn.Module, delta: torch.Tensor, sign: int) -> floa
         target = W + sign * delta.to(device=W.device, dtype=torch.float32)
         backend.requantize(base_layer, target)
         return (backend.dequantize(base_layer) - target).abs().max().item()
+    check_mergeable(base_layer)
     weight = base_layer.weight
-    if not is_plain_float_weight(weight):
-        raise TypeError(
-            f"cannot merge into a {type(base_layer).__name__} whose weight is {type(weight.data).__name__} "
-            f"of dtype {weight.dtype}: only dense floating-point weights and "
-            f"{', '.join(b.name for b in BACKENDS)} weights can be merged"
-        )
     if delta.shape != weight.shape:
         raise ValueError(f"ΔW has shape {tuple(delta.shape)} but the base weight has shape {tuple(weight.shape)}")
     if weight.dtype.itemsize >= 4:

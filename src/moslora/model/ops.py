@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moslora.core.weights import dense_copy
+from moslora.core.weights import check_mergeable, dense_copy
 from moslora.model.inject import _parent, adapter_layers, saved_module_names, unload
 
 
@@ -35,6 +35,8 @@ def merge(model: nn.Module, *, safe: bool = False) -> nn.Module:
     already = [name for name, layer in layers if layer.merged]
     if already:
         raise ValueError(f"the adapters are already merged (e.g. at {already[0]!r}); call moslora.unmerge first")
+    for _, layer in layers:  # every layer must take its ΔW before the first one is changed
+        check_mergeable(layer.base_layer)
     if safe:
         for name, layer in layers:
             if not torch.isfinite(layer.get_delta_weight()).all():
