@@ -151,3 +151,20 @@ def test_optimum_quanto_int8_base_is_wrapped_trains_and_refuses_an_in_place_merg
     with pytest.raises(TypeError, match="cannot merge into a QLinear whose weight is WeightQBytesTensor"):
         moslora.merge(model)
     assert not model[0].merged and not model[2].merged
+
+
+def test_torchao_int8_weight_only_base_is_wrapped_trains_and_refuses_an_in_place_merge():
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    torchao_quantization.quantize_(model, torchao_quantization.Int8WeightOnlyConfig())
+    x = torch.randn(4, 32)
+    before = model(x)
+    moslora.inject(model, moslora.MoSLoRAConfig(r=4, target_modules=["0", "2"]))
+    assert type(model[0].base_layer) is nn.Linear and model[0].lora_A.dtype == torch.float32
+    assert torch.equal(model(x), before)
+    model(x).square().mean().backward()
+    assert model[0].lora_A.grad is not None and model[2].lora_B.grad is not None
+    with pytest.raises(TypeError, match="cannot merge into a Linear whose weight is Int8Tensor"):
+        moslora.merge(model)
+    assert not model[0].merged and not model[2].merged
