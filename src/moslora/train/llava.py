@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from moslora.config import ALL_LINEAR, MIXERS, MoSLoRAConfig
@@ -52,6 +52,7 @@ from moslora.train.trainer import (
     NonFiniteGuard,
     TrainResult,
     run_and_measure,
+    training_arguments,
 )
 
 LANGUAGE_MODEL = "model.language_model"
@@ -461,7 +462,7 @@ def train_llava(
         base.enable_input_require_grads()
     lm = inject_groups(base, recipe.adapter_groups())
     lm.config.use_cache = False
-    args = _training_arguments(recipe, out)
+    args = training_arguments(recipe, out, warmup=recipe.warmup_ratio)  # a float in [0, 1) is a share of the steps
     if args.should_save and (rows.skipped or dataset.dropped):
         print(f"data: {len(rows.skipped)} bad rows skipped"
               + (f" (rows {rows.skipped[:10]}{'…' if len(rows.skipped) > 10 else ''})" if rows.skipped else "")
@@ -501,40 +502,6 @@ def train_llava(
         print(summary(metrics, written))
     trainer.accelerator.wait_for_everyone()
     return TrainResult(out, out, metrics, recipe)
-
-
-def _training_arguments(recipe: LlavaRecipe, out: Path) -> TrainingArguments:
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    dtype = resolve_dtype(recipe.precision)
-    return TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=recipe.micro_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps(world_size),
-        num_train_epochs=recipe.num_epochs,
-        max_steps=recipe.max_steps if recipe.max_steps is not None else -1,
-        learning_rate=recipe.learning_rate,
-        weight_decay=recipe.weight_decay,
-        warmup_steps=recipe.warmup_ratio,  # a float in [0, 1) is a share of the steps
-        lr_scheduler_type=recipe.lr_scheduler,
-        optim=recipe.optimizer,
-        max_grad_norm=recipe.max_grad_norm,
-        bf16=dtype == torch.bfloat16 and recipe.quantize is None,
-        fp16=dtype == torch.float16 and recipe.quantize is None,
-        logging_steps=recipe.logging_steps,
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        eval_strategy="no",
-        seed=recipe.seed,
-        data_seed=recipe.data_seed,
-        activation_checkpointing=recipe.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if recipe.gradient_checkpointing else None,
-        include_num_input_tokens_seen="non_padding",
-        ddp_find_unused_parameters=False,
-        remove_unused_columns=False,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-    )
 
 
 class GroupsTrainer(AdapterTrainer):

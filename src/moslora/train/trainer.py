@@ -188,7 +188,8 @@ def train_causal_lm(
     lm = inject(base, recipe.adapter_config())
     lm.config.use_cache = False
 
-    args = _training_arguments(recipe, out)
+    args = training_arguments(recipe, out, warmup=recipe.warmup_steps,
+                              eval_steps=recipe.eval_steps if recipe.val_set_size > 0 else None)
     datasets = build_datasets(
         tokenizer, recipe.data, cutoff_len=recipe.cutoff_len, val_set_size=recipe.val_set_size, seed=recipe.data_seed,
         train_on_inputs=recipe.train_on_inputs, add_eos_token=recipe.add_eos_token, skip_bad_rows=recipe.skip_bad_rows,
@@ -241,10 +242,13 @@ def train_causal_lm(
     return TrainResult(out, out, metrics, recipe)
 
 
-def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
+def training_arguments(recipe: Any, out: Path, *, warmup: float, eval_steps: int | None = None) -> TrainingArguments:
+    """Trainer arguments from a recipe (any :class:`RecipeBase` with the shared training fields).
+
+    ``warmup`` is a step count, or a float in [0, 1) for a share of the steps; ``eval_steps`` turns
+    on a validation pass every that many steps."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     dtype = resolve_dtype(recipe.precision)
-    has_val = recipe.val_set_size > 0
     return TrainingArguments(
         output_dir=str(out),
         per_device_train_batch_size=recipe.micro_batch_size,
@@ -254,7 +258,7 @@ def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
         max_steps=recipe.max_steps if recipe.max_steps is not None else -1,
         learning_rate=recipe.learning_rate,
         weight_decay=recipe.weight_decay,
-        warmup_steps=recipe.warmup_steps,
+        warmup_steps=warmup,
         lr_scheduler_type=recipe.lr_scheduler,
         optim=recipe.optimizer,
         max_grad_norm=recipe.max_grad_norm,
@@ -264,8 +268,8 @@ def _training_arguments(recipe: Recipe, out: Path) -> TrainingArguments:
         save_strategy="steps",
         save_steps=recipe.save_steps,
         save_total_limit=recipe.save_total_limit,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=recipe.eval_steps if has_val else None,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
         seed=recipe.seed,
         data_seed=recipe.data_seed,
         activation_checkpointing=recipe.gradient_checkpointing,
