@@ -38,7 +38,7 @@ from moslora.io.export import export_lora
 from moslora.io.native import save_adapter
 from moslora.model.inject import inject
 from moslora.model.ops import parameter_counts
-from moslora.train.recipe import METHODS, PRECISIONS, RecipeBase, _number, load_recipe
+from moslora.train.recipe import METHODS, PRECISIONS, RecipeBase, _number, resolve_recipe
 from moslora.train.report import plot_loss_curve
 
 DIFFUSERS_DIR = "diffusers_lora"
@@ -201,15 +201,8 @@ def train_dreambooth(
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    paths = {k: str(v) for k, v in dict(model=model, data=data, output=output).items() if v is not None}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if isinstance(recipe, DreamBoothRecipe):
-        recipe = recipe.replace(**paths, **overrides)
-    else:
-        recipe = load_recipe(recipe, cls=DreamBoothRecipe, **paths, **overrides)
-    for name in ("model", "data", "output", "instance_prompt"):
-        if getattr(recipe, name) is None:
-            raise ValueError(f"no {name} given: pass --{name.replace('_', '-')} or set {name!r} in the recipe")
+    recipe = resolve_recipe(recipe, DreamBoothRecipe, ("model", "data", "output", "instance_prompt"),
+                            model=model, data=data, output=output, **overrides)
     out = Path(recipe.output)
     images = instance_images(recipe.data)
 

@@ -41,7 +41,7 @@ from moslora.model.ops import merge_and_unload
 from moslora.train import checkpoint as ckpt
 from moslora.train.data import IGNORE_INDEX
 from moslora.train.model import keep_4bit_trainable_on_cpu, resolve_dtype
-from moslora.train.recipe import METHODS, PRECISIONS, QUANTIZE, RecipeBase, _number, load_recipe
+from moslora.train.recipe import METHODS, PRECISIONS, QUANTIZE, RecipeBase, _number, resolve_recipe
 from moslora.train.report import plot_loss_curve, summary
 from moslora.train.trainer import (
     LOSS_CURVE_PNG,
@@ -438,15 +438,8 @@ def train_llava(
     over it. Returns a :class:`moslora.train.TrainResult`; the adapter groups are in its
     ``adapter_dir`` (load them with :func:`moslora.load_adapter_groups`).
     """
-    paths = {k: str(v) for k, v in dict(model=model, data=data, image_folder=image_folder, output=output).items() if v is not None}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if isinstance(recipe, LlavaRecipe):
-        recipe = recipe.replace(**paths, **overrides)
-    else:
-        recipe = load_recipe(recipe, cls=LlavaRecipe, **paths, **overrides)
-    for name in ("model", "data", "image_folder", "output"):
-        if getattr(recipe, name) is None:
-            raise ValueError(f"no {name} given: pass --{name.replace('_', '-')} or set {name!r} in the recipe")
+    recipe = resolve_recipe(recipe, LlavaRecipe, ("model", "data", "image_folder", "output"),
+                            model=model, data=data, image_folder=image_folder, output=output, **overrides)
     out = Path(recipe.output)
     resume_from = ckpt.last_checkpoint(out) if resume else None
     if not resume and ckpt.last_checkpoint(out) is not None:

@@ -171,3 +171,15 @@ def load_recipe(path: str | os.PathLike | None = None, *, cls: type = Recipe, **
         return cls(**values)
     except TypeError as e:
         raise ValueError(f"recipe{' ' + str(path) if path else ''}: {e}") from e
+
+
+def resolve_recipe(recipe: Any, cls: type, required: tuple[str, ...], **fields: Any) -> Any:
+    """The recipe a run uses: ``recipe`` (a ``cls`` instance, a YAML path, or ``None`` for the
+    defaults) with ``fields`` applied over it (``None`` values ignored, paths as strings). Every
+    field named in ``required`` must end up set; a missing one is an error saying how to give it."""
+    given = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in fields.items() if v is not None}
+    recipe = recipe.replace(**given) if isinstance(recipe, cls) else load_recipe(recipe, cls=cls, **given)
+    for name in required:
+        if getattr(recipe, name) is None:
+            raise ValueError(f"no {name} given: pass --{name.replace('_', '-')} or set {name!r} in the recipe")
+    return recipe

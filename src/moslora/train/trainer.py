@@ -31,7 +31,7 @@ from moslora.model.ops import parameter_counts
 from moslora.train import checkpoint as ckpt
 from moslora.train.data import build_datasets
 from moslora.train.model import load_model, resolve_dtype
-from moslora.train.recipe import Recipe, load_recipe
+from moslora.train.recipe import Recipe, resolve_recipe
 from moslora.train.report import plot_loss_curve, summary
 
 logger = logging.getLogger(__name__)
@@ -166,14 +166,7 @@ def train_causal_lm(
     ends with the same adapter an uninterrupted run would have. Returns where things went and the
     final metrics; raises :class:`NonFiniteLossError` if the loss stops being finite.
     """
-    paths = {k: str(v) for k, v in dict(model=model, data=data, output=output).items() if v is not None}
-    if isinstance(recipe, Recipe):
-        recipe = recipe.replace(**paths, **{k: v for k, v in overrides.items() if v is not None})
-    else:
-        recipe = load_recipe(recipe, **paths, **overrides)
-    for name in ("model", "data", "output"):
-        if getattr(recipe, name) is None:
-            raise ValueError(f"no {name} given: pass --{name} or set {name!r} in the recipe")
+    recipe = resolve_recipe(recipe, Recipe, ("model", "data", "output"), model=model, data=data, output=output, **overrides)
     out = Path(recipe.output)
     resume_from = ckpt.last_checkpoint(out) if resume else None
     if resume and resume_from is None:
