@@ -295,3 +295,165 @@ def test_a_cut_short_run_is_reported_on_its_finished_seeds(task_file, tmp_path):
 def test_compare_refuses_a_comparison_without_lora(task_file):
     with pytest.raises(ValueError, match="'lora'"):
         run_comparison(load_task(str(task_file)), methods=["moslora"], seeds=1, r=4, lrs=[1e-3], progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction tasks: the paper's LLM pipeline on a tiny Llama (boolq-shaped "is <word> a fruit?")
+
+
+@pytest.fixture(scope="module")
+def instruction_task_file(tmp_path_factory) -> Path:
+    from llm_fixtures import boolq_rows, build_tiny_llama, write_jsonl
+
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tiny-instruction-task")
+    build_tiny_llama(root / "model")
+    # A random head of init scale bounds every logit to about ±0.6 (hidden 32, RMS-normed), so no
+    # adapter below it could make an answer likely; a larger head, as a trained model has, can.
+    model = LlamaForCausalLM.from_pretrained(root / "model")
+    model.lm_head.weight.data *= 25
+    model.save_pretrained(root / "model")
+    for name, (n, seed) in {"train": (48, 0), "validation": (8, 1), "test": (12, 2)}.items():
+        write_jsonl(root / f"{name}.jsonl", boolq_rows(n, seed))
+    (root / "task.yaml").write_text(
+        "kind: instruction\nname: tiny-llm\nmodel: model\ndataset: boolq\ntrain: train.jsonl\nvalidation: validation.jsonl\n"
+        "test: test.jsonl\nsteps: 4\nbatch_size: 4\nmax_length: 64\nlog_every: 2\nwarmup_steps: 1\nmax_new_tokens: 6\n"
+        "lrs: [1.0e-3, 1.0e-2]\n"
+    )
+    return root / "task.yaml"
+
+
+def test_instruction_task_file_reads_rows_and_settings(instruction_task_file):
+    from moslora.compare.tasks import InstructionTask
+
+    task = load_task(str(instruction_task_file))
+    assert isinstance(task, InstructionTask) and task.kind == "instruction"
+    assert (task.name, task.dataset, task.scoring, task.steps, task.max_new_tokens) == ("tiny-llm", "boolq", "generate", 4, 6)
+    assert (len(task.train), len(task.validation), len(task.test)) == (48, 8, 12)
+    assert task.train[0]["output"].startswith("the correct answer is ") and task.train[0]["answer"] in ("true", "false")
+    assert task.lrs == (1e-3, 1e-2) and task.quick_lr == 1e-2
+    assert task.dropout == 0.05 and task.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert task.describe()["kind"] == "instruction" and task.quick().test == task.test[:4]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dataset": None}, "missing required field 'dataset'"),
+        ({"dataset": "mmlu"}, "field 'dataset'"),
+        ({"scoring": "beam"}, "field 'scoring'"),
+        ({"kind": "regression"}, "field 'kind'"),
+        ({"frozen_layers": 2}, "unknown field(s) ['frozen_layers'] for a instruction task"),
+        ({"lrs": [1e-3, -1]}, "field 'lrs'"),
+        ({"model": "nowhere.gguf"}, "field 'model'"),
+    ],
+)
+def test_instruction_task_file_errors_name_the_field(instruction_task_file, tmp_path, change, message):
+    import yaml
+
+    data = yaml.safe_load(instruction_task_file.read_text())
+    for key in ("model", "train", "validation", "test"):
+        data[key] = str(instruction_task_file.parent / data[key])
+    for key, value in change.items():
+        if value is None:
+            del data[key]
+        else:
+            data[key] = value
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        load_task_yaml(bad)
+    assert message in str(error.value) and str(bad) in str(error.value)
+
+
+def test_instruction_task_file_names_the_bad_row(instruction_task_file, tmp_path):
+    import shutil
+
+    root = tmp_path / "task"
+    shutil.copytree(instruction_task_file.parent, root)
+    lines = (root / "test.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"instruction": "is a stone a fruit?", "output": "the correct answer is false"})  # no answer
+    (root / "test.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"field 'test': .*test.jsonl: row 3: missing field 'answer'"):
+        load_task_yaml(root / "task.yaml")
+
+
+def test_instruction_runs_pair_A_and_score_like_evaluate(instruction_task_file):
+    # Same seed: the same A in every layer whatever the method; a run is reproducible from its seed
+    # and its accuracy is moslora.eval.evaluate's answers against the rows' gold answers.
+    from moslora.compare.runner import InstructionData
+    from moslora.eval import evaluate
+
+    prepared = InstructionData(load_task(str(instruction_task_file)))
+    models = {method: prepared.build(method, seed=0, r=4) for method in METHODS}
+    A = _adapter_tensors(models["lora"], "lora_A")
+    assert len(A) == 2 * 5  # q, k, v, up, down in each of the 2 layers
+    for method, model in models.items():
+        assert all(torch.equal(t, A[name]) for name, t in _adapter_tensors(model, "lora_A").items()), method
+    assert all(p.abs().sum() == 0 for p in _adapter_tensors(models["moslora"], "lora_B").values())
+    assert not any(p.requires_grad for n, p in prepared.base.named_parameters())  # the shared base never trains
+
+    spec = RunSpec("moslora", seed=0, lr=1e-2, split="test")
+    run = train_and_score(prepared, spec, r=4)
+    again = train_and_score(prepared, spec, r=4)
+    assert run["curve"] == again["curve"] and run["answers"] == again["answers"]
+    assert run["curve"]["step"] == [2, 4] and run["config"]["dropout"] == 0.05 and run["config"]["mixer"] == "kaiming"
+    counts = run["parameter_counts"]
+    assert counts["M"] == 10 * 4 * 4 and run["trainable_params"] == counts["A"] + counts["M"] + counts["B"]
+    assert len(run["answers"]) == 12 and run["value"] == sum(a == r["answer"] for a, r in zip(run["answers"], prepared.task.test)) / 12
+    assert run["no_answer"] == sum(a == "" for a in run["answers"])
+    # Scoring is evaluate()'s, on whatever model it is given.
+    model = prepared.build("lora", seed=0, r=4)
+    expected = evaluate(model, prepared.tokenizer, prepared.task.test, "boolq", max_new_tokens=6, batch_size=16)
+    got = prepared.score(None, model, "test")
+    assert got["value"] == expected["accuracy"] and got["answers"] == [e["extracted"] for e in expected["examples"]]
+
+
+def test_instruction_training_learns_the_answer_format(instruction_task_file):
+    # The pipeline must actually teach: the untrained model gives no answer at all on the held-out
+    # rows; 24 steps later every reply has one ("the correct answer is true|false") and the loss on
+    # the response tokens has fallen tenfold. (Which answer is right needs more than a random
+    # 2-layer model learns in 24 steps; accuracy is not asserted.)
+    from dataclasses import replace
+
+    from moslora.compare.runner import InstructionData
+
+    task = replace(load_task(str(instruction_task_file)), steps=24, warmup_steps=2, log_every=4)
+    prepared = InstructionData(task)
+    before = prepared.score(None, prepared.build("lora", seed=0, r=8), "test")
+    run = train_and_score(prepared, RunSpec("lora", seed=0, lr=1e-2, split="test"), r=8)
+    assert before["no_answer"] == 12 and run["no_answer"] == 0
+    assert set(run["answers"]) <= {"true", "false"}
+    assert run["curve"]["loss"][-1] < 0.1 * run["curve"]["loss"][0]
+
+
+def test_compare_end_to_end_on_an_instruction_task(instruction_task_file, tmp_path):
+    from moslora.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["compare", "--task", str(instruction_task_file), "--methods", "lora,moslora", "--seeds", "2", "--r", "4",
+                 "--output", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["lrs"] == [1e-3, 1e-2]  # the task file's grid
+    assert results["task"]["kind"] == "instruction" and results["task"]["scoring"] == "generate"
+    assert len([r for r in results["runs"] if r["split"] == "validation"]) == 2 * 2
+    assert {(r["method"], r["seed"]) for r in results["runs"] if r["split"] == "test"} == {(m, s) for m in ("lora", "moslora") for s in (0, 1)}
+    table = (out / "results.md").read_text()
+    assert "LLM-Adapters format" in table and "`boolq` extraction" in table and "dropout 0.05" in table
+
+
+def test_smollm2_task_asks_the_tweets_split_as_three_option_questions():
+    from moslora.compare.tasks import smollm2_tweets_task, tweets_task
+    from moslora.eval.tasks import choices, extract_answer
+
+    task, tweets = smollm2_tweets_task(), tweets_task()
+    assert Path(task.model).is_file() and task.model.endswith(".gguf")
+    assert (len(task.train), len(task.validation), len(task.test)) == (1350, 90, 150)
+    for rows, split in ((task.train, tweets.train), (task.test, tweets.test)):
+        for row, text, label in zip(rows, split.texts, split.labels):
+            assert " ".join(text.split()) in row["instruction"]
+            assert row["answer"] == f"answer{label + 1}" == extract_answer("social_i_qa", row["output"])
+            assert choices("social_i_qa", row["instruction"]) == ["answer1", "answer2", "answer3"]
+    assert [sum(r["answer"] == f"answer{k}" for r in task.test) for k in (1, 2, 3)] == [50, 50, 50]
+    assert "Answer1: negative Answer2: neutral Answer3: positive" in task.test[0]["instruction"]

@@ -5,9 +5,14 @@ Methods: ``lora`` (no mixer), ``moslora`` (kaiming mixer, trained: the paper's m
 ``moslora-frozen`` (kaiming mixer, not trained: separates "learning the mixer" from "a different
 start"), ``moslora-orthogonal`` (orthogonal mixer, trained).
 
-The built-in task ``tweets`` runs offline on two CPU cores (full: 32 runs, about 6 minutes on free
-cores; ``--quick``: 8 runs, under a minute). Point ``--task`` at a YAML file to compare on your own
-model and data.
+Built-in tasks (offline):
+  tweets          3-class tweet sentiment, MiniLM-L6 + classifier (the default; full: 32 runs, about
+                  6 minutes on two free CPU cores; --quick: 8 runs, under a minute)
+  smollm2-tweets  the same tweets in the paper's LLM pipeline: SmolLM2-135M-Instruct
+                  instruction-tuned in the LLM-Adapters format, answers read by the paper's
+                  extraction (about 6 minutes a run on two CPU cores)
+Point ``--task`` at a YAML file to compare on your own model and data (either kind; see
+``moslora.compare.tasks.load_task_yaml``).
 """
 
 from __future__ import annotations
@@ -19,9 +24,7 @@ import time
 from moslora.compare.runner import METHODS
 
 DEFAULT_METHODS = "lora,moslora,moslora-frozen,moslora-orthogonal"
-DEFAULT_LRS = "1e-3,3e-3,1e-2"
 QUICK_SEEDS = 2
-QUICK_LRS = "3e-3"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,8 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lrs",
         default=None,
-        help=f"comma-separated learning-rate grid; each method gets its best on validation (default: {DEFAULT_LRS}; "
-        f"{QUICK_LRS} only, no search, with --quick)",
+        help="comma-separated learning-rate grid; each method gets its best on validation (default: the task's grid, "
+        "1e-3,3e-3,1e-2 for tweets, 3e-4,1e-3,3e-3 for smollm2-tweets; with --quick only the grid's middle, no search)",
     )
     p.add_argument("--validation-seeds", type=int, default=1, help="seeds per learning rate in the search (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run instead of the task's own (warm-up scales along)")
@@ -77,8 +80,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; known: {list(METHODS)}")
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 5)
-    lrs = _list(args.lrs or (QUICK_LRS if args.quick else DEFAULT_LRS), float, "--lrs")
     task = load_task(args.task)
+    if args.lrs:
+        lrs = _list(args.lrs, float, "--lrs")
+    else:
+        lrs = [task.quick_lr] if args.quick else list(task.lrs)
     if args.steps is not None:
         task = task.with_steps(args.steps)
     if args.quick:

@@ -105,8 +105,18 @@ def _caption(results: dict[str, Any]) -> list[str]:
         f"Task `{task['name']}`: {task['description'] or task['model']}; "
         f"train/validation/test = {sizes['train']}/{sizes['validation']}/{sizes['test']} examples; "
         f"{task['steps']} steps × batch {task['batch_size']}, max {task['max_length']} tokens; "
-        f"r = {settings['r']}, alpha = {task['alpha_over_r'] * settings['r']:g}.",
+        f"r = {settings['r']}, alpha = {task['alpha_over_r'] * settings['r']:g}"
+        + (f", dropout {task['dropout']:g}" if task.get("dropout") else "")
+        + ".",
     ]
+    if task.get("kind") == "instruction":
+        how = (
+            f"greedy answers of up to {task['max_new_tokens']} tokens, read by the paper's `{task['dataset']}` extraction "
+            "(first answer label in the text; none counts as wrong)"
+            if task["scoring"] == "generate"
+            else f"the most likely of each row's `{task['dataset']}` options (log-likelihood)"
+        )
+        lines.append(f"Instruction-tuned in the LLM-Adapters format (Alpaca prompt, loss on the response only); accuracy of {how}.")
     if settings["validation_seeds"]:
         lines.append(
             f"Learning rate per method: best mean validation accuracy over the grid {settings['lrs']} "
@@ -117,7 +127,7 @@ def _caption(results: dict[str, Any]) -> list[str]:
     lines.append(
         f"Test accuracy over n = {len(seeds)} paired seeds ({', '.join(map(str, seeds))})"
         + ("" if len(seeds) == planned else f" of the {planned} planned (the run was cut short; the table uses every finished run)")
-        + ": same head, same A, same data order per seed. "
+        + ": same initial weights (head included), same A, same data order per seed. "
         "Δ = method − LoRA on the same seed, 95% CI from the t-distribution (n − 1 d.o.f.); "
         "two-sided paired t-test and Wilcoxon signed-rank test; wins/losses = seeds where the method is above/below LoRA."
     )
@@ -125,7 +135,9 @@ def _caption(results: dict[str, Any]) -> list[str]:
     if env:
         lines.append(
             f"s/run = mean training wall time per run on {env['device']} ({env['torch_threads']} torch threads; "
-            "on a shared machine it varies with the load); trainable params include the classifier head."
+            "on a shared machine it varies with the load)"
+            + ("; trainable params include the fully trained " + ", ".join(task["modules_to_save"]) if task.get("modules_to_save") else "")
+            + "."
         )
     return lines
 

