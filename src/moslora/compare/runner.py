@@ -268,7 +268,9 @@ class RunSpec:
 def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: int) -> dict[str, Any]:
     """One run: build, train with the Trainer, score on ``spec.split``. Returns the run's record for
     the results file (config, seed, lr, loss curve, metric, time, parameter counts)."""
-    from transformers import PrinterCallback, Trainer
+    from transformers import PrinterCallback
+
+    from moslora.train.trainer import AdapterTrainer  # a Trainer that also takes GGUF- or 4-bit-loaded bases
 
     task = prepared.task
     model = prepared.build(spec.method, spec.seed, r)
@@ -276,8 +278,8 @@ def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: i
     order = data_order(spec.seed, len(prepared.train), task.steps * task.batch_size)
     train = [prepared.train[i] for i in order]
     with tempfile.TemporaryDirectory(prefix="moslora-compare-") as tmp:
-        trainer = Trainer(model=model, args=_training_arguments(task, spec, tmp), train_dataset=train,
-                          data_collator=prepared.collator())
+        trainer = AdapterTrainer(model=model, args=_training_arguments(task, spec, tmp), train_dataset=train,
+                                 data_collator=prepared.collator())
         trainer.remove_callback(PrinterCallback)  # the log dicts would drown the progress bar
         start = time.perf_counter()
         trainer.train()
