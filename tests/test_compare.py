@@ -457,3 +457,10 @@ def test_smollm2_task_asks_the_tweets_split_as_three_option_questions():
             assert choices("social_i_qa", row["instruction"]) == ["answer1", "answer2", "answer3"]
     assert [sum(r["answer"] == f"answer{k}" for r in task.test) for k in (1, 2, 3)] == [50, 50, 50]
     assert "Answer1: negative Answer2: neutral Answer3: positive" in task.test[0]["instruction"]
+
+
+def test_the_bar_shows_each_runs_step_then_scoring(task_file, capsys):
+    results = run_comparison(load_task(str(task_file)), methods=["lora"], seeds=1, r=4, lrs=[1e-2], progress=True)
+    assert len(results["runs"]) == 1
+    err = capsys.readouterr().err
+    assert "compare tiny" in err and "test lora lr=0.01 seed=0 scoring" in err

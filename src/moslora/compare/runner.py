@@ -265,9 +265,10 @@ class RunSpec:
     split: str  # "validation" (learning-rate search) or "test"
 
 
-def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: int) -> dict[str, Any]:
-    """One run: build, train with the Trainer, score on ``spec.split``. Returns the run's record for
-    the results file (config, seed, lr, loss curve, metric, time, parameter counts)."""
+def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: int, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
+    """One run: build, train with the Trainer (plus ``callbacks``), score on ``spec.split``. Returns
+    the run's record for the results file (config, seed, lr, loss curve, metric, time, parameter
+    counts)."""
     from transformers import PrinterCallback
 
     from moslora.train.trainer import AdapterTrainer  # a Trainer that also takes GGUF- or 4-bit-loaded bases
@@ -279,7 +280,7 @@ def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: i
     train = [prepared.train[i] for i in order]
     with tempfile.TemporaryDirectory(prefix="moslora-compare-") as tmp:
         trainer = AdapterTrainer(model=model, args=_training_arguments(task, spec, tmp), train_dataset=train,
-                                 data_collator=prepared.collator())
+                                 data_collator=prepared.collator(), callbacks=list(callbacks))
         trainer.remove_callback(PrinterCallback)  # the log dicts would drown the progress bar
         start = time.perf_counter()
         trainer.train()
@@ -298,6 +299,21 @@ def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: i
         "parameter_counts": counts,
         "config": moslora.get_config(model).to_dict(),
     }
+
+
+def _step_on_bar(bar: Any, label: str) -> Any:
+    """A callback that shows the current run's step (then "scoring") on the comparison's bar: a run
+    of an instruction task on CPU takes minutes."""
+    from transformers import TrainerCallback
+
+    class StepOnBar(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            bar.set_postfix_str(f"{label} step {state.global_step}/{state.max_steps}")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            bar.set_postfix_str(f"{label} scoring")
+
+    return StepOnBar()
 
 
 def _training_arguments(task: Task | InstructionTask, spec: RunSpec, output_dir: str) -> Any:
@@ -409,8 +425,9 @@ def run_comparison(
     bar = tqdm(total=len(search) + len(methods) * seeds, desc=f"compare {task.name}", unit="run", disable=not progress)
 
     def record(spec: RunSpec) -> None:
-        bar.set_postfix_str(f"{spec.split} {spec.method} lr={spec.lr:g} seed={spec.seed}")
-        run = train_and_score(prepared, spec, r)
+        label = f"{spec.split} {spec.method} lr={spec.lr:g} seed={spec.seed}"
+        bar.set_postfix_str(label)
+        run = train_and_score(prepared, spec, r, callbacks=[_step_on_bar(bar, label)] if progress else [])
         results["runs"].append(run)
         bar.update()
         if on_run is not None:
