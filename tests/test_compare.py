@@ -464,3 +464,12 @@ def test_the_bar_shows_each_runs_step_then_scoring(task_file, capsys):
     assert len(results["runs"]) == 1
     err = capsys.readouterr().err
     assert "compare tiny" in err and "test lora lr=0.01 seed=0 scoring" in err
+
+
+def test_an_instruction_task_whose_responses_are_all_cut_away_is_refused(instruction_task_file):
+    from dataclasses import replace
+
+    from moslora.compare.runner import InstructionData
+
+    with pytest.raises(ValueError, match="max_length=16"):
+        InstructionData(replace(load_task(str(instruction_task_file)), max_length=16))

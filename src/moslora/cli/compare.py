@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="tweets", help="built-in task name or a task .yaml file (default: %(default)s)")
+    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, or a task .yaml file (default: %(default)s)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {list(METHODS)} (default: all)")
     p.add_argument("--seeds", type=int, default=None, help="number of paired test seeds (default: 5; 2 with --quick)")
     p.add_argument("--r", type=int, default=8, help="adapter rank (default: %(default)s); alpha is the task's alpha_over_r · r")

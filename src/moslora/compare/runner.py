@@ -23,6 +23,7 @@ import copy
 import math
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -123,7 +124,9 @@ class InstructionData:
         self.train = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"])]
         if not self.train:
             raise ValueError(f"task {task.name}: every training row's response is cut away by max_length={task.max_length}")
-        self.dropped = len(rows) - len(self.train)
+        if len(self.train) < len(rows):
+            warnings.warn(f"task {task.name}: {len(rows) - len(self.train)} of {len(rows)} training rows dropped: "
+                          f"max_length={task.max_length} cuts their response away", stacklevel=2)
 
     def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         from transformers import DataCollatorForSeq2Seq
