@@ -127,8 +127,9 @@ def _caption(results: dict[str, Any]) -> list[str]:
     lines.append(
         f"Test accuracy over n = {len(seeds)} paired seeds ({', '.join(map(str, seeds))})"
         + ("" if len(seeds) == planned else f" of the {planned} planned (the run was cut short; the table uses every finished run)")
-        + ": same initial weights (head included), same A, same data order per seed. "
-        "Δ = method − LoRA on the same seed, 95% CI from the t-distribution (n − 1 d.o.f.); "
+        + (": same initial weights (head included), same A, same data order per seed. " if task.get("modules_to_save")
+           else ": same initial weights, same A, same data order per seed. ")
+        + "Δ = method − LoRA on the same seed, 95% CI from the t-distribution (n − 1 d.o.f.); "
         "two-sided paired t-test and Wilcoxon signed-rank test; wins/losses = seeds where the method is above/below LoRA."
     )
     env = results.get("environment")
