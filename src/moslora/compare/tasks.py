@@ -47,8 +47,9 @@ class Split:
 
 
 class _Budget:
-    """The step budget shared by both kinds of task: ``steps``, ``warmup_steps``, ``log_every`` and
-    the three splits (anything that slices)."""
+    """What both kinds of task share: the step budget (``steps``, ``warmup_steps``, ``log_every``,
+    the three splits, anything that slices), the adapter settings and their description for the
+    results file; each kind adds its own settings in ``_kind_settings``."""
 
     def with_steps(self, steps: int):
         """The same task with another step budget; warm-up and logging keep their share of it."""
@@ -74,6 +75,26 @@ class _Budget:
             validation=self.validation[: len(self.validation) // 2],
             test=self.test[: len(self.test) // 3],
         )
+
+    def describe(self) -> dict[str, Any]:
+        """The task's settings for the results file (sizes, not the examples themselves)."""
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "model": self.model,
+            **self._kind_settings(),
+            "sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "warmup_steps": self.warmup_steps,
+            "log_every": self.log_every,
+            "alpha_over_r": self.alpha_over_r,
+            "target_modules": self.target_modules,
+            "modules_to_save": self.modules_to_save,
+            "dropout": self.dropout,
+            "description": self.description,
+        }
 
     @property
     def quick_lr(self) -> float:
@@ -114,26 +135,8 @@ class Task(_Budget):
     description: str = ""
     kind = "classification"
 
-    def describe(self) -> dict[str, Any]:
-        """The task's settings for the results file (sizes, not the examples themselves)."""
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "model": self.model,
-            "labels": self.label_names,
-            "sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "max_length": self.max_length,
-            "warmup_steps": self.warmup_steps,
-            "log_every": self.log_every,
-            "frozen_layers": self.frozen_layers,
-            "alpha_over_r": self.alpha_over_r,
-            "target_modules": self.target_modules,
-            "modules_to_save": self.modules_to_save,
-            "dropout": self.dropout,
-            "description": self.description,
-        }
+    def _kind_settings(self) -> dict[str, Any]:
+        return {"labels": self.label_names, "frozen_layers": self.frozen_layers}
 
 
 # The paper's LLM targets (LLaMA names; SmolLM2, Mistral, Qwen use the same).
@@ -183,27 +186,8 @@ class InstructionTask(_Budget):
         if self.scoring not in SCORINGS:
             raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
 
-    def describe(self) -> dict[str, Any]:
-        """The task's settings for the results file (sizes, not the rows themselves)."""
-        return {
-            "kind": self.kind,
-            "name": self.name,
-            "model": self.model,
-            "dataset": self.dataset,
-            "sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "max_length": self.max_length,
-            "warmup_steps": self.warmup_steps,
-            "log_every": self.log_every,
-            "scoring": self.scoring,
-            "max_new_tokens": self.max_new_tokens,
-            "alpha_over_r": self.alpha_over_r,
-            "target_modules": self.target_modules,
-            "modules_to_save": self.modules_to_save,
-            "dropout": self.dropout,
-            "description": self.description,
-        }
+    def _kind_settings(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "scoring": self.scoring, "max_new_tokens": self.max_new_tokens}
 
 
 # ---------------------------------------------------------------------------------------------
