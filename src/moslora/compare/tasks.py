@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from moslora.train.recipe import LLM_TARGETS
+
 # Adapters on every attention projection and feed-forward linear of a BERT-style encoder
 # (not the pooler, not the classifier: the classifier trains fully, as modules_to_save).
 BERT_ATTENTION_AND_FFN = (
@@ -139,10 +141,6 @@ class Task(_Budget):
         return {"labels": self.label_names, "frozen_layers": self.frozen_layers}
 
 
-# The paper's LLM targets (LLaMA names; SmolLM2, Mistral, Qwen use the same).
-LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
-
-
 @dataclass(frozen=True)
 class InstructionTask(_Budget):
     """A causal LM instruction-tuned on LLM-Adapters rows (``instruction``, ``input``, ``output``,
@@ -180,11 +178,12 @@ class InstructionTask(_Budget):
 
     def __post_init__(self) -> None:
         from moslora.eval.evaluate import SCORINGS
-        from moslora.eval.tasks import get_task
+        from moslora.eval.tasks import TASKS
 
-        get_task(self.dataset)
+        if self.dataset not in TASKS:
+            raise ValueError(f"field 'dataset' must be one of the paper's data sets {sorted(TASKS)}, got {self.dataset!r}")
         if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+            raise ValueError(f"field 'scoring' must be one of {SCORINGS}, got {self.scoring!r}")
 
     def _kind_settings(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "scoring": self.scoring, "max_new_tokens": self.max_new_tokens}
@@ -529,15 +528,10 @@ def load_task_yaml(path: str | Path) -> Task | InstructionTask:
 
 
 def _instruction_task(path: Path, data: dict[str, Any], model: Path, options: dict[str, Any]) -> InstructionTask:
-    from moslora.eval.tasks import TASKS
     from moslora.train.data import read_rows
 
     if not (model.is_dir() or (model.suffix == ".gguf" and model.is_file())):
         raise FileNotFoundError(f"task file {path}: field 'model': {model} is neither a model directory nor a .gguf file")
-    if data["dataset"] not in TASKS:
-        raise ValueError(f"task file {path}: field 'dataset' must be one of the paper's data sets {sorted(TASKS)}, got {data['dataset']!r}")
-    if options.get("scoring", "generate") not in ("generate", "loglik"):
-        raise ValueError(f"task file {path}: field 'scoring' must be 'generate' or 'loglik', got {options['scoring']!r}")
     splits = {}
     for key in ("train", "validation", "test"):
         file = path.parent / data[key]
@@ -545,7 +539,10 @@ def _instruction_task(path: Path, data: dict[str, Any], model: Path, options: di
             splits[key] = read_rows(file, required=("instruction", "output", "answer")).dataset.to_list()
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"task file {path}: field {key!r}: {e}") from None
-    return InstructionTask(name=data.get("name", path.stem), model=str(model), dataset=data["dataset"], **splits, **options)
+    try:  # the task checks its own fields (dataset, scoring); say which file they came from
+        return InstructionTask(name=data.get("name", path.stem), model=str(model), dataset=data["dataset"], **splits, **options)
+    except ValueError as e:
+        raise ValueError(f"task file {path}: {e}") from None
 
 
 def _read_examples(file: Path, field_name: str, text_column: str, label_column: str, task_path: Path) -> list[tuple[str, str]]:

@@ -21,6 +21,8 @@ METHODS = ("moslora", "lora")
 QUANTIZE = (None, "4bit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCORING = ("generate", "loglik")
+# The paper's LLM targets (LLaMA names; SmolLM2, Mistral, Qwen use the same).
+LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
 class RecipeBase:
@@ -61,7 +63,7 @@ class Recipe(RecipeBase):
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
+    target_modules: list[str] = field(default_factory=lambda: list(LLM_TARGETS))
     learning_rate: float = 3e-4
     weight_decay: float = 0.0
     num_epochs: float = 3.0
