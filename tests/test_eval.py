@@ -91,7 +91,10 @@ def test_results_have_accuracy_counts_and_every_example(lm, tmp_path):
     model, tok = lm
     rows = boolq_rows(6, seed=2)
     for scoring in ("generate", "loglik"):
+        tok.padding_side = "right" if scoring == "generate" else "left"  # the other side from the one it scores with
+        before = tok.padding_side
         res = evaluate(model, tok, rows, "boolq", scoring=scoring, batch_size=4, max_new_tokens=4)
+        assert tok.padding_side == before  # left as the caller had it
         assert res["total"] == 6 and len(res["examples"]) == 6
         assert res["correct"] == sum(e["extracted"] == r["answer"] for e, r in zip(res["examples"], rows))
         assert res["accuracy"] == pytest.approx(res["correct"] / 6)

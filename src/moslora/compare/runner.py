@@ -110,7 +110,7 @@ class InstructionData:
     training rows tokenized once, as ``moslora train`` tokenizes them."""
 
     def __init__(self, task: InstructionTask) -> None:
-        from moslora.train.data import IGNORE_INDEX, tokenize_row
+        from moslora.train.data import has_response, tokenize_row
         from moslora.train.model import load_model
 
         self.task = task
@@ -119,9 +119,12 @@ class InstructionData:
         if torch.cuda.is_available():
             self.base = self.base.to("cuda")
         self.base.requires_grad_(False)
+        # Right padding for training: Llama-style models take positions from the cache, not the mask
+        # (scoring pads left for generation and puts it back).
+        self.tokenizer.padding_side = "right"
         rows = [tokenize_row(self.tokenizer, row, cutoff_len=task.max_length) for row in task.train]
         # A row whose response is cut away by max_length teaches nothing (and makes a 0/0 loss).
-        self.train = [row for row in rows if any(label != IGNORE_INDEX for label in row["labels"])]
+        self.train = [row for row in rows if has_response(row)]
         if not self.train:
             raise ValueError(f"task {task.name}: every training row's response is cut away by max_length={task.max_length}")
         if len(self.train) < len(rows):
@@ -131,7 +134,7 @@ class InstructionData:
     def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         from transformers import DataCollatorForSeq2Seq
 
-        return _RightPadded(DataCollatorForSeq2Seq(self.tokenizer, pad_to_multiple_of=8, padding=True, return_tensors="pt"))
+        return DataCollatorForSeq2Seq(self.tokenizer, pad_to_multiple_of=8, padding=True, return_tensors="pt")
 
     def build(self, method: str, seed: int, r: int) -> torch.nn.Module:
         torch.manual_seed(seed)  # A (then M) are drawn from it, the same A for every method
@@ -147,18 +150,6 @@ class InstructionData:
                           batch_size=task.eval_batch_size, max_new_tokens=task.max_new_tokens)
         return {"metric": "accuracy", "value": result["accuracy"], "no_answer": result["no_answer"],
                 "answers": [example["extracted"] for example in result["examples"]]}
-
-
-class _RightPadded:
-    """The collator, with the tokenizer set to pad on the right first (scoring sets it to left for
-    generation): Llama-style models take positions from the cache, not the mask."""
-
-    def __init__(self, collator: Any) -> None:
-        self.collator = collator
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        self.collator.tokenizer.padding_side = "right"
-        return self.collator(features)
 
 
 def prepare(task: Task | InstructionTask) -> EncodedTask | InstructionData:

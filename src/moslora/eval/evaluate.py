@@ -100,7 +100,7 @@ def evaluate(
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     rows = load_rows(data, limit=limit)
     prompts = [prompt(r["instruction"], r.get("input")) for r in rows]
-    was_training = model.training
+    was_training, padding_side = model.training, tokenizer.padding_side
     model.eval()
     try:
         if scoring == "generate":
@@ -115,8 +115,9 @@ def evaluate(
                 scores = dict(zip(opts, flat[at : at + len(opts)]))
                 at += len(opts)
                 predictions.append({"prediction": scores, "extracted": max(scores, key=scores.get)})
-    finally:
+    finally:  # the caller's model and tokenizer are left as they were (a training collator pads right)
         model.train(was_training)
+        tokenizer.padding_side = padding_side
     examples = []
     for i, (row, pred) in enumerate(zip(rows, predictions)):
         examples.append({"index": i, "instruction": row["instruction"], **pred, "answer": row["answer"],

@@ -121,6 +121,11 @@ def tokenize_row(tokenizer, row: dict[str, Any], *, cutoff_len: int, train_on_in
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
+def has_response(example: dict[str, Any]) -> bool:
+    """Whether a tokenized row keeps any response token to learn from (``cutoff_len`` may cut it all away)."""
+    return any(label != IGNORE_INDEX for label in example["labels"])
+
+
 @dataclass
 class TrainData:
     train: Any
@@ -142,9 +147,6 @@ def build_datasets(tokenizer, path: str | os.PathLike, *, cutoff_len: int, val_s
 
     def tokenize(row):
         return tokenize_row(tokenizer, row, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, add_eos_token=add_eos_token)
-
-    def has_response(example):
-        return any(label != IGNORE_INDEX for label in example["labels"])
 
     splits = {"train": ds, "val": None}
     if val_set_size > 0:
