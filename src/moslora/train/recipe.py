@@ -20,7 +20,6 @@ from moslora.config import MIXERS, MoSLoRAConfig
 METHODS = ("moslora", "lora")
 QUANTIZE = (None, "4bit")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SCORING = ("generate", "loglik")
 # The paper's LLM targets (LLaMA names; SmolLM2, Mistral, Qwen use the same).
 LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
