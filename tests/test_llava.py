@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import moslora
-from moslora.io.groups import MANIFEST_NAME, load_adapter_groups, save_adapter_groups
+from moslora.io.groups import MANIFEST_NAME, save_adapter_groups
+from moslora.io.load import load_adapter_groups
 from moslora.model.groups import adapter_groups, inject_groups
 from moslora.train.data import IGNORE_INDEX
 from moslora.train.llava import (

@@ -225,7 +225,7 @@ def test_a_save_killed_at_any_moment_leaves_one_complete_version(tmp_path):
         description, tensors = moslora.read_adapter(folder)
         values = {float(v) for t in tensors.values() for v in t.unique()}
         assert len(values) == 1, f"a mix of versions: {values}"
-        assert description["config"]["alpha"] == values.pop() + 1
+        assert description.config.alpha == values.pop() + 1
         base = nn.Sequential(nn.Linear(256, 256))
         moslora.load_adapter(base, folder)
 

@@ -6,8 +6,6 @@ After training, M folds into A (A' = M·A), so a MoSLoRA adapter exports to an e
 LoRA adapter and costs nothing extra at inference.
 """
 
-__version__ = "0.1.0"
-
 from moslora.config import MoSLoRAConfig
 from moslora.core.layers import (
     MoSLoRAConv,
@@ -17,9 +15,10 @@ from moslora.core.layers import (
     MoSLoRALinear,
 )
 from moslora.io.export import export_lora
-from moslora.io.groups import load_adapter_groups, save_adapter_groups
-from moslora.io.native import AdapterFormatError, load_adapter, read_adapter, save_adapter
-from moslora.io.peft_format import import_lora
+from moslora.io.groups import save_adapter_groups
+from moslora.io.load import import_lora, load_adapter, load_adapter_groups
+from moslora.io.native import read_adapter, save_adapter
+from moslora.model.description import AdapterDescription, AdapterFormatError, describe_adapter
 from moslora.model.groups import adapter_groups, inject_groups
 from moslora.model.inject import adapter_layers, find_targets, get_config, inject, unload
 from moslora.model.ops import (
@@ -31,8 +30,10 @@ from moslora.model.ops import (
     print_trainable_parameters,
     unmerge,
 )
+from moslora.version import __version__
 
 __all__ = [
+    "AdapterDescription",
     "AdapterFormatError",
     "MoSLoRAConfig",
     "MoSLoRAConv",
@@ -43,6 +44,7 @@ __all__ = [
     "adapter_groups",
     "adapter_layers",
     "adapter_state_dict",
+    "describe_adapter",
     "disabled",
     "export_lora",
     "find_targets",

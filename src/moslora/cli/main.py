@@ -12,7 +12,7 @@ SUBCOMMANDS = ("demo", "train", "eval", "export", "compare", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moslora import __version__
+    from moslora.version import __version__
 
     parser = argparse.ArgumentParser(prog="moslora", description="MoSLoRA adapters: train, evaluate, compare, export.")
     parser.add_argument("--version", action="version", version=f"moslora {__version__}")

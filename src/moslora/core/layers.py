@@ -243,10 +243,24 @@ class MoSLoRAEmbedding(MoSLoRALayer):
         return delta.T
 
 
-def _transformers_conv1d() -> type | None:
-    # Only look if transformers is already imported: the core never imports it.
+def transformers_conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` class if transformers is already imported (the core never imports it)."""
     module = sys.modules.get("transformers.pytorch_utils")
     return getattr(module, "Conv1D", None)
+
+
+def is_multihead_out_proj(module: nn.Module) -> bool:
+    """The ``out_proj`` of an ``nn.MultiheadAttention``, which reads its weight directly and never
+    calls it, so an adapter there would never run."""
+    return isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def is_linear_kind(module: nn.Module) -> bool:
+    """A linear layer an adapter can wrap and run: ``nn.Linear`` (not an MHA out_proj) or transformers' ``Conv1D``."""
+    conv1d = transformers_conv1d_class()
+    if conv1d is not None and isinstance(module, conv1d):
+        return True
+    return isinstance(module, nn.Linear) and not is_multihead_out_proj(module)
 
 
 def layer_class_for(module: nn.Module, name: str = "") -> type[MoSLoRALayer] | None:
@@ -254,10 +268,10 @@ def layer_class_for(module: nn.Module, name: str = "") -> type[MoSLoRALayer] | N
 
     Raises ``TypeError`` for kinds that look supported but where an adapter could not work.
     """
-    conv1d = _transformers_conv1d()
+    conv1d = transformers_conv1d_class()
     if conv1d is not None and isinstance(module, conv1d):
         return MoSLoRAConv1D
-    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+    if is_multihead_out_proj(module):
         raise TypeError(
             f"module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight directly "
             "and never calls it, so an adapter there would never run"
@@ -274,6 +288,7 @@ def layer_class_for(module: nn.Module, name: str = "") -> type[MoSLoRALayer] | N
 
 
 SUPPORTED_KINDS = "nn.Linear (and quantized linears), transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding"
+LAYER_KINDS = tuple(cls.kind for cls in (MoSLoRALinear, MoSLoRAConv1D, MoSLoRAConv, MoSLoRAEmbedding))
 
 
 def _adapter_factory_kwargs(base_layer: nn.Module, config: MoSLoRAConfig) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def evaluate_adapter(
     """Load ``model`` (plus the native adapter in ``adapter`` when given), :func:`evaluate` it,
     and, with ``output``, write the results there. An existing results file for the same model
     and adapter keeps its other data sets, so one file can collect all eight."""
-    from moslora.io.native import load_adapter
+    from moslora.io.load import load_adapter
     from moslora.train.model import load_model
 
     lm, tokenizer = load_model(model, precision=precision, quantize=quantize, for_training=False)

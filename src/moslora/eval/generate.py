@@ -22,7 +22,8 @@ import torch
 from moslora.io.atomic import atomic_write
 from moslora.io.diffusers_format import WEIGHTS_NAME as DIFFUSERS_WEIGHTS
 from moslora.io.export import export_lora
-from moslora.io.native import CONFIG_NAME, load_adapter
+from moslora.io.load import load_adapter
+from moslora.io.native import CONFIG_NAME
 from moslora.model.ops import merge_and_unload
 
 MODES = ("lora", "merged")

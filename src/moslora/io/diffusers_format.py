@@ -16,29 +16,28 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from moslora import __version__
-from moslora.config import MoSLoRAConfig
 from moslora.io.atomic import atomic_write
 from moslora.io.peft_format import PREFIX, peft_tensors
+from moslora.model.description import AdapterDescription
+from moslora.version import __version__
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
-def write_diffusers(directory: str | os.PathLike, description: dict[str, Any], tensors: dict[str, torch.Tensor], *, prefix: str = "unet") -> Path:
+def write_diffusers(directory: str | os.PathLike, description: AdapterDescription, tensors: dict[str, torch.Tensor], *, prefix: str = "unet") -> Path:
     """Write the native adapter as a diffusers LoRA file under ``prefix`` (a pipeline component)."""
     if not prefix or "." in prefix:
         raise ValueError(f"prefix must be a pipeline component name such as 'unet' or 'transformer', got {prefix!r}")
-    if description["modules_to_save"]:
+    if description.modules_to_save:
         raise ValueError("a diffusers LoRA file has no place for modules_to_save; export to format='peft' instead")
-    embeddings = [name for name, info in description["modules"].items() if info["kind"] == "embedding"]
+    embeddings = [name for name, layer in description.modules.items() if layer.kind == "embedding"]
     if embeddings:
         raise ValueError(f"diffusers' LoRA loaders handle linear and conv layers, not embedding {embeddings[0]!r}; export to format='peft' instead")
-    scaling = MoSLoRAConfig.from_dict(description["config"]).scaling
+    scaling = description.config.scaling
     out = {}
     for key, tensor in peft_tensors(description, tensors).items():
         name = key[len(PREFIX) :]

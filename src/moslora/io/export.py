@@ -17,13 +17,11 @@ from torch import nn
 from moslora.io.diffusers_format import write_diffusers
 from moslora.io.groups import export_groups_peft, is_groups_dir
 from moslora.io.native import adapter_contents, read_adapter
-from moslora.io.peft_format import is_peft_dir, read_peft_dir, write_peft
+from moslora.io.peft_format import export_peft, is_peft_dir, read_peft_dir
 from moslora.model.groups import adapter_groups
 from moslora.model.inject import adapter_layers
 
 FORMATS = ("peft", "diffusers")
-# PEFT's task_type picks the PeftModel class (and lets AutoPeftModelFor… load the adapter).
-_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS"}
 
 
 def export_lora(
@@ -67,16 +65,15 @@ def export_lora(
     base_weights = {}
     if isinstance(src, nn.Module):
         _check_convs_run_alike(src)
-        description, tensors = adapter_contents(src, base_model_name_or_path=base_model_name_or_path)
-        description["task_type"] = next((t for suffix, t in _TASK_TYPES.items() if type(src).__name__.endswith(suffix)), None)
+        description, tensors = adapter_contents(src)
     elif is_peft_dir(src):
         description, tensors, base_weights = read_peft_dir(src, allow_pickle=allow_pickle)
     else:
         description, tensors = read_adapter(src)
     if base_model_name_or_path is not None:
-        description["base_model_name_or_path"] = base_model_name_or_path
+        description = description.replace(base_model_name_or_path=base_model_name_or_path)
     if format == "peft":
-        return write_peft(out_dir, description, tensors, base_weights)
+        return export_peft(out_dir, description, tensors, base_weights)
     if base_weights:
         raise ValueError(f"{src} stores base-layer weights of embeddings, which a diffusers LoRA file cannot carry")
     return write_diffusers(out_dir, description, tensors, prefix=prefix)

@@ -10,7 +10,7 @@ submodule, and a manifest written last::
     model.vision_tower/adapter_config.json, adapter_model.safetensors
 
 Each subfolder is an ordinary native adapter, so ``moslora.load_adapter(model.get_submodule(g), dir/g)``
-works on one group alone. :func:`export_groups_peft` writes the whole model's adapter as one PEFT
+works on one group alone; :func:`moslora.load_adapter_groups` loads them all (:mod:`moslora.io.load`). :func:`export_groups_peft` writes the whole model's adapter as one PEFT
 LoRA adapter: the groups' own ranks and alphas go in PEFT's ``rank_pattern`` and ``alpha_pattern``.
 """
 
@@ -21,21 +21,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from moslora.io.atomic import atomic_write_json
-from moslora.config import MoSLoRAConfig
-from moslora.io.native import (
-    CONFIG_NAME,
-    AdapterFormatError,
-    _check_module_name,
-    adapter_contents,
-    place_adapter,
-    read_adapter,
-    save_adapter,
-)
+from moslora.io.native import adapter_contents, read_adapter, save_adapter
+from moslora.io.peft_format import peft_config, peft_tensors, write_peft
+from moslora.model.description import AdapterDescription, AdapterFormatError, check_module_name
 from moslora.model.groups import adapter_groups
-from moslora.model.inject import adapter_layers, unload
 
 FORMAT = "moslora-groups"
 FORMAT_VERSION = 1
@@ -80,42 +73,17 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(groups, list) or not groups:
         raise AdapterFormatError(f"{path}: field 'groups' must be a non-empty list of submodule names")
     for prefix in groups:
-        _check_module_name(path, "groups", prefix)
+        try:
+            check_module_name("groups", prefix)
+        except AdapterFormatError as e:
+            raise AdapterFormatError(f"{path}: {e}") from None
     return manifest
 
 
-def load_adapter_groups(model: nn.Module, directory: str | os.PathLike, *, trainable: bool = True) -> nn.Module:
-    """Add every group's adapter saved in ``directory`` to ``model`` (a base model, or one already
-    injected with the same groups, whose adapter values are then replaced).
-
-    All groups are read and checked before any is placed; if placing one still fails (a shape
-    that does not fit), the adapters placed by this call are removed again, so a base model is
-    left as it was.
-    """
+def read_adapter_groups(directory: str | os.PathLike) -> list[tuple[str, AdapterDescription, dict[str, torch.Tensor]]]:
+    """Every group of a groups directory, read and checked: ``(prefix, description, tensors)`` in manifest order."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
-    present = adapter_groups(model)
-    if present and set(present) != set(manifest["groups"]):
-        raise AdapterFormatError(f"{directory}: the model has adapter groups {sorted(present)}, the directory {manifest['groups']}")
-    read = []
-    for prefix in manifest["groups"]:
-        try:
-            submodule = model.get_submodule(prefix)
-        except AttributeError:
-            raise AdapterFormatError(f"{directory / MANIFEST_NAME}: group {prefix!r} is not a submodule of this {type(model).__name__}") from None
-        read.append((submodule, directory / prefix, *read_adapter(directory / prefix)))
-    had_adapters = next(adapter_layers(model), None) is not None
-    if not had_adapters:  # as inject_groups: what lies outside every group is frozen
-        for param in model.parameters():
-            param.requires_grad_(False)
-    try:
-        for submodule, folder, description, tensors in read:
-            place_adapter(submodule, folder, description, tensors, trainable=trainable)
-    except Exception:
-        if not had_adapters:
-            unload(model)
-        raise
-    return model
+    return [(prefix, *read_adapter(directory / prefix)) for prefix in read_manifest(directory)["groups"]]
 
 
 def export_groups_peft(src: nn.Module | str | os.PathLike, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
@@ -125,34 +93,31 @@ def export_groups_peft(src: nn.Module | str | os.PathLike, out_dir: str | os.Pat
     ``lora_alpha`` with the other groups' in ``rank_pattern`` / ``alpha_pattern`` (so PEFT's
     scaling is each group's own alpha/r). Loads with ``PeftModel.from_pretrained(base, out_dir)``.
     """
-    from moslora.io.peft_format import write_peft
-
     if isinstance(src, nn.Module):
         groups = adapter_groups(src)
         if not groups or "" in groups:
             raise ValueError("this model has no adapter groups; export a model injected as a whole with moslora.export_lora")
         parts = [(prefix, *adapter_contents(src.get_submodule(prefix))) for prefix in groups]
     else:
-        parts = [(prefix, *read_adapter(Path(src) / prefix)) for prefix in read_manifest(src)["groups"]]
-    first = MoSLoRAConfig.from_dict(parts[0][1]["config"])
-    modules, tensors, saved, rank_pattern, alpha_pattern = {}, {}, [], {}, {}
+        parts = read_adapter_groups(src)
+    first = parts[0][1].config
+    tensors: dict[str, torch.Tensor] = {}
+    targets, saved, rank_pattern, alpha_pattern = [], [], {}, {}
     for prefix, description, group_tensors in parts:
-        config = MoSLoRAConfig.from_dict(description["config"])
+        config = description.config
         if config.use_rslora != first.use_rslora:
             raise ValueError("PEFT has one use_rslora for the whole adapter; these groups differ in it")
-        for name, info in description["modules"].items():
-            modules[f"{prefix}.{name}"] = info
+        for name in description.modules:
+            targets.append(f"{prefix}.{name}")
             if config.r != first.r:
                 rank_pattern[f"{prefix}.{name}"] = config.r
             if config.alpha != first.alpha:
                 alpha_pattern[f"{prefix}.{name}"] = config.alpha
-        tensors.update({f"{prefix}.{key}": tensor for key, tensor in group_tensors.items()})
-        saved += [f"{prefix}.{name}" for name in description["modules_to_save"]]
-    combined = {**parts[0][1], "modules": modules, "modules_to_save": saved}
+        tensors.update(peft_tensors(description, group_tensors, prefix=prefix))
+        saved += [f"{prefix}.{name}" for name in description.modules_to_save]
+    head = parts[0][1]
     if base_model_name_or_path is not None:
-        combined["base_model_name_or_path"] = base_model_name_or_path
-    out_dir = write_peft(out_dir, combined, tensors)
-    config_path = out_dir / CONFIG_NAME
-    peft_config = json.loads(config_path.read_text(encoding="utf-8"))
-    atomic_write_json(config_path, {**peft_config, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern})
-    return out_dir
+        head = head.replace(base_model_name_or_path=base_model_name_or_path)
+    config = peft_config(head, target_modules=sorted(targets), modules_to_save=saved or None, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                         fan_in_fan_out=any(layer.kind == "conv1d-transformers" for _, d, _ in parts for layer in d.modules.values()))
+    return write_peft(out_dir, tensors, config)

@@ -4,7 +4,7 @@ A directory with two files:
 
 - ``adapter_model.safetensors``: the tensors, keyed ``<module>.lora_A``, ``<module>.lora_M``,
   ``<module>.lora_B`` (and ``<module>.<param>`` for ``modules_to_save``). Its metadata carries the
-  whole adapter config too, so the tensor file alone is a complete, self-consistent adapter.
+  whole description too, so the tensor file alone is a complete, self-consistent adapter.
 - ``adapter_config.json``: ``format: "moslora"``, the format version, every config field, each
   wrapped module with its kind and shapes, and the base model's name when known.
 
@@ -12,15 +12,18 @@ The config deliberately has no ``peft_type``: a tool that only knows plain LoRA 
 directory rather than load A and B and silently drop the mixer. Use :func:`moslora.export_lora`
 to get a plain LoRA adapter that is exactly equal.
 
-Each file is written atomically, the tensor file first. Loading takes the config from the tensor
-file, so an interrupted save leaves the previous adapter or the new one, never a mix.
+Each file is written atomically, the tensor file first. Loading takes the description from the
+tensor file, so an interrupted save leaves the previous adapter or the new one, never a mix.
+
+:func:`description_to_json` and :func:`description_from_json` are the one place an
+:class:`~moslora.model.description.AdapterDescription` is turned into JSON and back (with every
+field checked); the other formats reuse them where they store a description.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,12 +33,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from moslora import __version__
 from moslora.config import MoSLoRAConfig
-from moslora.core.layers import MoSLoRALayer, layer_class_for
+from moslora.core.layers import LAYER_KINDS
 from moslora.io.atomic import atomic_write, atomic_write_json
-from moslora.model.inject import adapter_layers, get_config, inject, saved_module_names
+from moslora.model.description import AdapterDescription, AdapterFormatError, LayerDescription, describe_adapter
 from moslora.model.ops import adapter_state_dict
+from moslora.version import __version__
 
 FORMAT = "moslora"
 FORMAT_VERSION = 1
@@ -43,45 +46,31 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 _METADATA_KEY = "moslora_adapter_config"
-# Refuse configs whose rank could only be a mistake or an attack, before anything is allocated.
-MAX_RANK = 65536
-_MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-
-
-class AdapterFormatError(ValueError):
-    """An adapter directory or file is malformed, inconsistent, or does not fit the model."""
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapter (only the adapter) of an injected model to ``directory``. Returns the path."""
-    description, tensors = adapter_contents(model, base_model_name_or_path=base_model_name_or_path)
-    directory = Path(directory)
-    metadata = {"format": FORMAT, _METADATA_KEY: json.dumps(description)}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    atomic_write_json(directory / CONFIG_NAME, description)
-    return directory
+    return write_adapter(directory, *adapter_contents(model, base_model_name_or_path=base_model_name_or_path))
 
 
-def adapter_contents(model: nn.Module, *, base_model_name_or_path: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def adapter_contents(model: nn.Module, *, base_model_name_or_path: str | None = None) -> tuple[AdapterDescription, dict[str, torch.Tensor]]:
     """What :func:`save_adapter` writes, in memory: the description and the tensors (on CPU)."""
-    config = get_config(model)
-    layers = list(adapter_layers(model))
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
-    description = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "moslora_version": __version__,
-        "base_model_name_or_path": base_model_name_or_path,
-        "config": config.to_dict(),
-        "modules": {name: _describe(layer) for name, layer in layers},
-        "modules_to_save": saved_module_names(model),
-    }
+    description = describe_adapter(model, base_model_name_or_path=base_model_name_or_path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     return description, tensors
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def write_adapter(directory: str | os.PathLike, description: AdapterDescription, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write ``description`` and ``tensors`` as a native adapter directory (tensors first, each file atomically)."""
+    directory = Path(directory)
+    data = description_to_json(description)
+    metadata = {"format": FORMAT, _METADATA_KEY: json.dumps(data)}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_json(directory / CONFIG_NAME, data)
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[AdapterDescription, dict[str, torch.Tensor]]:
     """Read and validate a native adapter directory: its description and its tensors (on CPU).
 
     Raises :class:`AdapterFormatError` naming the file and the field at fault.
@@ -105,82 +94,82 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFormatError(f"{weights} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
-    description = _description_from(directory, metadata)
-    return description, tensors
+    return _description_in(directory, metadata), tensors
 
 
-def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, *, trainable: bool = True, allow_pickle: bool = False
-) -> nn.Module:
-    """Add the adapter saved in ``directory`` to ``model`` (a base model, or one already injected
-    with the same layers, whose adapter values are then replaced).
-
-    ``directory`` is a native adapter or one of the authors' MoSLoRA checkpoints (PEFT style, with
-    ``lora_AB`` or ``lora_mixer`` tensors; see :mod:`moslora.io.peft_format`). Their pickled
-    ``adapter_model.bin`` is read only with ``allow_pickle=True``. A plain LoRA adapter has no
-    mixer to load: start from one with :func:`moslora.import_lora`.
-
-    Everything is checked before the model is touched: module names, kinds and every tensor's
-    shape. On any error the model is left as it was.
-    """
-    directory = Path(directory)
-    # Imported here: peft_format builds on this module.
-    from moslora.io.peft_format import is_peft_dir, read_mixer_checkpoint
-
-    if is_peft_dir(directory):
-        description, tensors = read_mixer_checkpoint(directory, allow_pickle=allow_pickle)
-    else:
-        description, tensors = read_adapter(directory)
-    return place_adapter(model, directory, description, tensors, trainable=trainable)
-
-
-def place_adapter(
-    model: nn.Module, directory: Path, description: dict[str, Any], tensors: dict[str, torch.Tensor], *, trainable: bool = True
-) -> nn.Module:
-    """Put an adapter read from ``directory`` (native description and tensors) into ``model``,
-    checking every name and shape first; ``directory`` only names the source in errors."""
-    config = MoSLoRAConfig.from_dict(description["config"])
-    modules = description["modules"]
-    already = dict(adapter_layers(model))
-    if already:
-        _check_same_layers(directory, already, modules)
-    expected = _expected_shapes(model, directory, config, modules, already)
-    saved = description["modules_to_save"]
-    for name in saved:
-        _check_module_name(directory, "modules_to_save", name)
-        try:
-            state = model.get_submodule(name).state_dict()
-        except AttributeError:
-            raise AdapterFormatError(f"{directory / CONFIG_NAME}: modules_to_save names {name!r}, which this model does not have") from None
-        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in state.items()})
-    _check_tensors(directory / WEIGHTS_NAME, tensors, expected)
-
-    if not already:
-        # Exact names: the adapter lands on the very layers it was trained on.
-        inject(model, config.replace(target_modules=list(modules), exclude_modules=None, modules_to_save=saved or None))
-    layers = dict(adapter_layers(model))
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for attr, param in layer.adapter_parameters():
-                param.copy_(tensors[f"{name}.{attr}"])
-                param.requires_grad_(trainable and (attr != "lora_M" or config.train_mixer))
-        for name in saved:
-            module = model.get_submodule(name)
-            module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")})
-            module.requires_grad_(trainable)
-    return model
-
-
-def _describe(layer: MoSLoRALayer) -> dict[str, Any]:
+def description_to_json(description: AdapterDescription) -> dict[str, Any]:
+    """The JSON object of ``adapter_config.json`` (and of the tensor file's metadata)."""
     return {
-        "kind": layer.kind,
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "shapes": {attr: list(param.shape) for attr, param in layer.adapter_parameters()},
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "moslora_version": __version__,
+        "base_model_name_or_path": description.base_model_name_or_path,
+        "config": description.config.to_dict(),
+        "modules": {
+            name: {"kind": layer.kind, "in_features": layer.in_features, "out_features": layer.out_features,
+                   "shapes": {attr: list(shape) for attr, shape in layer.shapes.items()}}
+            for name, layer in description.modules.items()
+        },
+        "modules_to_save": list(description.modules_to_save),
+        "task_type": description.task_type,
     }
 
 
-def _description_from(directory: Path, metadata: dict[str, str]) -> dict[str, Any]:
+def description_from_json(data: Any, where: str | os.PathLike) -> AdapterDescription:
+    """Check every field of a native description read from ``where`` and build it; an error names
+    ``where`` and the field at fault."""
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{where}: the adapter config must be a JSON object")
+    if "peft_type" in data or data.get("format") != FORMAT:
+        raise AdapterFormatError(
+            f"{where}: not a moslora adapter (format={data.get('format')!r}, peft_type={data.get('peft_type')!r}); "
+            "an authors'-format MoSLoRA checkpoint loads with moslora.load_adapter, a plain LoRA one with moslora.import_lora"
+        )
+    if data.get("format_version") != FORMAT_VERSION:
+        raise AdapterFormatError(f"{where}: format_version {data.get('format_version')!r} is not supported (this moslora reads {FORMAT_VERSION})")
+    for key, kind in (("config", dict), ("modules", dict), ("modules_to_save", list)):
+        if not isinstance(data.get(key), kind):
+            raise AdapterFormatError(f"{where}: field {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}")
+    try:
+        config = MoSLoRAConfig.from_dict(data["config"])
+    except (TypeError, ValueError) as e:
+        raise AdapterFormatError(f"{where}: field 'config' is invalid: {e}") from e
+    try:
+        modules = {name: _layer_from_json(name, info) for name, info in data["modules"].items()}
+        return AdapterDescription(
+            config=config, modules=modules, modules_to_save=tuple(data["modules_to_save"]),
+            base_model_name_or_path=_optional_str(data, "base_model_name_or_path"), task_type=_optional_str(data, "task_type"),
+        )  # fmt: skip
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{where}: {e}") from None
+
+
+def _layer_from_json(name: Any, info: Any) -> LayerDescription:
+    where = f"field 'modules.{name}'"
+    if not isinstance(info, dict):
+        raise AdapterFormatError(f"{where} must be a JSON object")
+    if info.get("kind") not in LAYER_KINDS:
+        raise AdapterFormatError(f"{where}: kind {info.get('kind')!r} is not one of {LAYER_KINDS}")
+    for key in ("in_features", "out_features"):
+        if isinstance(info.get(key), bool) or not isinstance(info.get(key), int):
+            raise AdapterFormatError(f"{where}: {key} must be an integer, got {info.get(key)!r}")
+    shapes = info.get("shapes")
+    if not isinstance(shapes, dict) or not all(isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in s)
+                                               for s in shapes.values()):
+        raise AdapterFormatError(f"{where}: shapes must map lora_A, lora_M, lora_B to lists of integers")
+    return LayerDescription(info["kind"], info["in_features"], info["out_features"], {k: tuple(v) for k, v in shapes.items()})
+
+
+def _optional_str(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise AdapterFormatError(f"field {key!r} must be a string or null, got {value!r}")
+    return value
+
+
+def _description_in(directory: Path, metadata: dict[str, str]) -> AdapterDescription:
+    """The description embedded in the tensor file (which always matches the tensors), else the
+    one in ``adapter_config.json``; a disagreement between the two is warned about."""
     config_path = directory / CONFIG_NAME
     on_disk = None
     if config_path.is_file():
@@ -190,97 +179,17 @@ def _description_from(directory: Path, metadata: dict[str, str]) -> dict[str, An
             raise AdapterFormatError(f"{config_path} is not valid JSON: {e}") from e
     if _METADATA_KEY in metadata:
         try:
-            description = json.loads(metadata[_METADATA_KEY])
+            data = json.loads(metadata[_METADATA_KEY])
         except json.JSONDecodeError as e:
             raise AdapterFormatError(f"{directory / WEIGHTS_NAME}: its embedded adapter config is not valid JSON: {e}") from e
-        if on_disk is not None and on_disk != description:
+        if on_disk is not None and on_disk != data:
             warnings.warn(
                 f"{config_path} differs from the config embedded in {WEIGHTS_NAME} (an interrupted save, or a "
                 "hand edit); using the embedded one, which always matches the tensors",
                 stacklevel=3,
             )
     elif on_disk is not None:
-        description = on_disk
+        data = on_disk
     else:
         raise AdapterFormatError(f"no {CONFIG_NAME} in {str(directory)!r} and no config embedded in {WEIGHTS_NAME}")
-    _validate_description(config_path, description)
-    return description
-
-
-def _validate_description(where: Path, d: Any) -> None:
-    if not isinstance(d, dict):
-        raise AdapterFormatError(f"{where}: the adapter config must be a JSON object")
-    if "peft_type" in d or d.get("format") != FORMAT:
-        raise AdapterFormatError(
-            f"{where}: not a moslora adapter (format={d.get('format')!r}, peft_type={d.get('peft_type')!r}); "
-            "an authors'-format MoSLoRA checkpoint loads with moslora.load_adapter, a plain LoRA one with moslora.import_lora"
-        )
-    if d.get("format_version") != FORMAT_VERSION:
-        raise AdapterFormatError(f"{where}: format_version {d.get('format_version')!r} is not supported (this moslora reads {FORMAT_VERSION})")
-    for key, kind in (("config", dict), ("modules", dict), ("modules_to_save", list)):
-        if not isinstance(d.get(key), kind):
-            raise AdapterFormatError(f"{where}: field {key!r} must be a JSON {kind.__name__.replace('dict', 'object')}")
-    try:
-        config = MoSLoRAConfig.from_dict(d["config"])
-    except (TypeError, ValueError) as e:
-        raise AdapterFormatError(f"{where}: field 'config' is invalid: {e}") from e
-    if config.r > MAX_RANK:
-        raise AdapterFormatError(f"{where}: field 'config.r': r={config.r} is larger than any real adapter (at most {MAX_RANK})")
-    if not d["modules"]:
-        raise AdapterFormatError(f"{where}: field 'modules' is empty")
-    for name in d["modules"]:
-        _check_module_name(where, "modules", name)
-
-
-def _check_module_name(where: Path, field: str, name: Any) -> None:
-    if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
-        raise AdapterFormatError(f"{where}: field {field!r} has an invalid module name {name!r} (expected a dotted module path)")
-
-
-def _expected_shapes(
-    model: nn.Module, directory: Path, config: MoSLoRAConfig, modules: dict[str, Any], already: dict[str, MoSLoRALayer]
-) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for name in modules:
-        if name in already:
-            layer_shapes = {attr: tuple(p.shape) for attr, p in already[name].adapter_parameters()}
-        else:
-            try:
-                base = model.get_submodule(name)
-            except AttributeError:
-                raise AdapterFormatError(
-                    f"{directory / CONFIG_NAME}: the adapter has a layer {name!r} that this {type(model).__name__} does not have"
-                ) from None
-            cls = layer_class_for(base, name)
-            if cls is None:
-                raise AdapterFormatError(f"{directory}: layer {name!r} of this model is a {type(base).__name__}, which MoSLoRA cannot wrap")
-            layer_shapes = cls.adapter_shapes(base, config)
-        shapes.update({f"{name}.{attr}": shape for attr, shape in layer_shapes.items()})
-    return shapes
-
-
-def _check_same_layers(directory: Path, already: dict[str, MoSLoRALayer], modules: dict[str, Any]) -> None:
-    if set(already) != set(modules):
-        missing = sorted(set(modules) - set(already)) or sorted(set(already) - set(modules))
-        raise AdapterFormatError(
-            f"{directory}: the model already has MoSLoRA adapters on other layers than the saved adapter "
-            f"(first difference: {missing[0]!r}); load it into the base model instead"
-        )
-
-
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
-    for key, shape in expected.items():
-        if key not in tensors:
-            raise AdapterFormatError(f"{path}: tensor {key!r} is missing")
-        if tuple(tensors[key].shape) != shape:
-            raise AdapterFormatError(
-                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)} but this model needs {shape}; "
-                "was the adapter trained on a different base model?"
-            )
-        if not tensors[key].dtype.is_floating_point:
-            raise AdapterFormatError(f"{path}: tensor {key!r} has dtype {tensors[key].dtype}; adapters are floating point")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        # Never drop a tensor silently: an unplaced lora_M would be a silently dropped mixer.
-        raise AdapterFormatError(f"{path}: tensor {unexpected[0]!r} does not belong to any layer of the adapter config")
-
+    return description_from_json(data, config_path)

@@ -22,9 +22,9 @@ The maths: PEFT computes ``y = W0·x + s·B·A·x``; the authors' fork ``y = W0�
 Importing a plain adapter (A, B) under a mixer M sets A ← M⁻¹·A, so M·A is the imported A and the
 outputs are unchanged; with the identity mixer (the default) A is kept bit for bit.
 
-Every reader here turns a directory into moslora's native form (description + tensors keyed
-``<m>.lora_A|lora_M|lora_B``), so loading goes through :func:`moslora.io.native.place_adapter` and
-its checks. A tensor that cannot be placed is an error: a mixer is never dropped silently.
+Every reader here turns a directory into moslora's native form (an
+:class:`~moslora.model.description.AdapterDescription` and tensors keyed ``<m>.lora_A|lora_M|lora_B``),
+so loading goes through :func:`moslora.model.place.place_adapter` and its checks. A tensor that cannot be placed is an error: a mixer is never dropped silently.
 """
 
 from __future__ import annotations
@@ -38,23 +38,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
-
-from moslora import __version__
 from moslora.config import MoSLoRAConfig
 from moslora.core.init import init_mixer_
 from moslora.core.layers import fold_mixer
 from moslora.io.atomic import atomic_write, atomic_write_json
-from moslora.io.native import (
-    CONFIG_NAME,
-    FORMAT,
-    FORMAT_VERSION,
-    PICKLE_NAMES,
-    WEIGHTS_NAME,
-    AdapterFormatError,
-    place_adapter,
-)
+from moslora.io.native import CONFIG_NAME, PICKLE_NAMES, WEIGHTS_NAME
+from moslora.model.description import AdapterDescription, AdapterFormatError, LayerDescription
 from moslora.model.inject import matches
+from moslora.version import __version__
 
 PREFIX = "base_model.model."
 _PART = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_AB|lora_mixer)(\.weight)?|(?P<emodule>.+)\.(?P<epart>lora_embedding_[AB])")
@@ -76,7 +67,7 @@ def is_peft_dir(directory: str | os.PathLike) -> bool:
 
 def read_peft_dir(
     directory: str | os.PathLike, *, allow_pickle: bool = False
-) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> tuple[AdapterDescription, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Read a PEFT LoRA directory, with or without the authors' mixer, into moslora's native form.
 
     Returns ``(description, tensors, base_weights)``: the native description (its config has
@@ -127,15 +118,15 @@ def read_peft_dir(
         if A.shape[0] != r or B.shape[1] != r or (M is not None and tuple(M.shape) != (r, r)):
             raise AdapterFormatError(f"{source}: layer {module!r} does not have rank r={r} (A {tuple(A.shape)}, B {tuple(B.shape)})")
         tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"] = A.float(), B
-        shapes = {"lora_A": list(A.shape)}
+        shapes = {"lora_A": tuple(A.shape)}
         if M is not None:
             tensors[f"{module}.lora_M"] = M.float()
-            shapes["lora_M"] = [r, r]
-        shapes["lora_B"] = list(B.shape)
-        modules[module] = {"kind": _kind(module, A, embeddings, cfg), "in_features": A.shape[1], "out_features": B.shape[0], "shapes": shapes}
+            shapes["lora_M"] = (r, r)
+        shapes["lora_B"] = tuple(B.shape)
+        modules[module] = LayerDescription(_kind(module, A, embeddings, cfg), A.shape[1], B.shape[0], shapes)
     if not modules:
         raise AdapterFormatError(f"{source}: no LoRA tensors (lora_A / lora_B) found")
-    with_mixer = [m for m in modules if "lora_M" in modules[m]["shapes"]]
+    with_mixer = [m for m in modules if "lora_M" in modules[m].shapes]
     if with_mixer and len(with_mixer) != len(modules):
         plain = next(m for m in modules if m not in with_mixer)
         raise AdapterFormatError(f"{source}: layer {with_mixer[0]!r} has a mixer but {plain!r} has none; moslora needs one or the other throughout")
@@ -152,23 +143,17 @@ def read_peft_dir(
         )  # fmt: skip
     except (TypeError, ValueError) as e:
         raise AdapterFormatError(f"{directory / CONFIG_NAME}: {e}") from e
-    description = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "moslora_version": __version__,
-        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
-        "config": config.to_dict(),
-        "modules": modules,
-        "modules_to_save": saved_modules,
-        "task_type": cfg.get("task_type"),
-    }
+    try:
+        description = AdapterDescription(config, modules, tuple(saved_modules), cfg.get("base_model_name_or_path"), cfg.get("task_type"))
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{directory / CONFIG_NAME}: {e}") from None
     return description, tensors, base_weights
 
 
-def read_mixer_checkpoint(directory: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_mixer_checkpoint(directory: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[AdapterDescription, dict[str, torch.Tensor]]:
     """Read one of the authors' MoSLoRA checkpoints into moslora's native form (for :func:`moslora.load_adapter`)."""
     description, tensors, base_weights = read_peft_dir(directory, allow_pickle=allow_pickle)
-    if description["config"]["mixer"] is None:
+    if not description.has_mixer:
         raise AdapterFormatError(
             f"{directory} is a plain LoRA adapter (no lora_AB / lora_mixer tensors); start MoSLoRA from it "
             "with moslora.import_lora(model, directory, mixer=...)"
@@ -178,56 +163,51 @@ def read_mixer_checkpoint(directory: str | os.PathLike, *, allow_pickle: bool = 
     return description, tensors
 
 
-def import_lora(
-    model: nn.Module, directory: str | os.PathLike, mixer: str | None = "identity", *, trainable: bool = True, allow_pickle: bool = False
-) -> nn.Module:
-    """Start MoSLoRA from a plain PEFT LoRA adapter: its A and B, with a new mixer M between them.
-
-    The outputs at import equal those of the LoRA adapter: with ``mixer="identity"`` exactly, with
-    an invertible random mixer (``"kaiming"``, ``"orthogonal"``) up to rounding, since A is set to
-    M⁻¹·A. ``mixer=None`` loads it as plain LoRA. ``"two-subspace"`` is singular and refused.
-    A checkpoint that already has a mixer loads with :func:`moslora.load_adapter` instead.
-    """
-    directory = Path(directory)
-    description, tensors, base_weights = read_peft_dir(directory, allow_pickle=allow_pickle)
-    if description["config"]["mixer"] is not None:
-        raise AdapterFormatError(f"{directory} already has a mixer (a MoSLoRA checkpoint); load it with moslora.load_adapter")
+def with_new_mixer(
+    description: AdapterDescription, tensors: dict[str, torch.Tensor], mixer: str | None
+) -> tuple[AdapterDescription, dict[str, torch.Tensor]]:
+    """A plain LoRA adapter (A, B; no mixer) rewritten as MoSLoRA with a fresh ``mixer`` M and the same
+    outputs: A ← M⁻¹·A, so M·A is the original A (with ``"identity"`` A is kept bit for bit;
+    ``None`` leaves the adapter plain). ``"two-subspace"`` is singular and refused."""
     if mixer == "two-subspace":
         raise ValueError("the two-subspace mixer is singular, so no A gives the imported adapter's outputs under it")
-    config = MoSLoRAConfig.from_dict(description["config"]).replace(mixer=mixer)
-    _check_base_weights(model, directory, base_weights)
-    if mixer is not None:
-        for name, info in description["modules"].items():
-            M = torch.empty(config.r, config.r)
-            init_mixer_(M, mixer)
-            A = tensors[f"{name}.lora_A"]
-            if mixer != "identity":
-                A = torch.linalg.solve(M.double(), A.double().flatten(1)).view(A.shape).float()
-            tensors[f"{name}.lora_A"], tensors[f"{name}.lora_M"] = A, M
-            info["shapes"] = {"lora_A": info["shapes"]["lora_A"], "lora_M": [config.r, config.r], "lora_B": info["shapes"]["lora_B"]}
-    description["config"] = config.to_dict()
-    return place_adapter(model, directory, description, tensors, trainable=trainable)
+    config = description.config.replace(mixer=mixer)
+    if mixer is None:
+        return description, tensors
+    tensors, modules = dict(tensors), {}
+    for name, layer in description.modules.items():
+        M = torch.empty(config.r, config.r)
+        init_mixer_(M, mixer)
+        A = tensors[f"{name}.lora_A"]
+        if mixer != "identity":
+            A = torch.linalg.solve(M.double(), A.double().flatten(1)).view(A.shape).float()
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_M"] = A, M
+        shapes = {"lora_A": layer.shapes["lora_A"], "lora_M": (config.r, config.r), "lora_B": layer.shapes["lora_B"]}
+        modules[name] = LayerDescription(layer.kind, layer.in_features, layer.out_features, shapes)
+    return description.replace(config=config, modules=modules), tensors
 
 
-def peft_tensors(description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def peft_tensors(description: AdapterDescription, tensors: dict[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:
     """The native adapter as PEFT's tensors: mixers folded into A (A' = M·A), PEFT's key names and
-    layouts (a conv's B as an out×r×1… kernel). Every input tensor is used or this raises."""
+    layouts (a conv's B as an out×r×1… kernel), module names under ``prefix`` (a submodule path,
+    for adapter groups). Every input tensor is used or this raises."""
+    head = PREFIX + (prefix + "." if prefix else "")
     out, used = {}, set()
-    for name, info in description["modules"].items():
+    for name, layer in description.modules.items():
         keys = [f"{name}.{attr}" for attr in ("lora_A", "lora_M", "lora_B")]
         A_key, M_key, B_key = keys
         A = fold_mixer(tensors[A_key], tensors.get(M_key))
         B = tensors[B_key].float()
         used.update(k for k in keys if k in tensors)
-        if info["kind"] == "embedding":
-            out[f"{PREFIX}{name}.lora_embedding_A"], out[f"{PREFIX}{name}.lora_embedding_B"] = A, B
+        if layer.kind == "embedding":
+            out[f"{head}{name}.lora_embedding_A"], out[f"{head}{name}.lora_embedding_B"] = A, B
         else:
-            out[f"{PREFIX}{name}.lora_A.weight"] = A
-            out[f"{PREFIX}{name}.lora_B.weight"] = B.view(*B.shape, *([1] * (A.ndim - 2)))
-    for saved in description["modules_to_save"]:
+            out[f"{head}{name}.lora_A.weight"] = A
+            out[f"{head}{name}.lora_B.weight"] = B.view(*B.shape, *([1] * (A.ndim - 2)))
+    for saved in description.modules_to_save:
         for key, tensor in tensors.items():
             if key.startswith(saved + "."):
-                out[PREFIX + key] = tensor
+                out[head + key] = tensor
                 used.add(key)
     unused = sorted(set(tensors) - used)
     if unused:
@@ -235,39 +215,49 @@ def peft_tensors(description: dict[str, Any], tensors: dict[str, torch.Tensor]) 
     return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
 
-def peft_config(description: dict[str, Any]) -> dict[str, Any]:
-    """PEFT's ``adapter_config.json`` for the exported adapter: same r, alpha and scaling rule."""
-    config = MoSLoRAConfig.from_dict(description["config"])
+def peft_config(description: AdapterDescription, **fields: Any) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for the exported adapter: same r, alpha and scaling rule;
+    ``fields`` add or override entries (e.g. ``rank_pattern`` for adapter groups)."""
+    config = description.config
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     return {
         "peft_type": "LORA",
-        "task_type": description.get("task_type"),
-        "base_model_name_or_path": description.get("base_model_name_or_path"),
+        "task_type": description.task_type,
+        "base_model_name_or_path": description.base_model_name_or_path,
         "r": config.r,
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": sorted(description["modules"]),
-        "fan_in_fan_out": any(info["kind"] == "conv1d-transformers" for info in description["modules"].values()),
+        "target_modules": sorted(description.modules),
+        "fan_in_fan_out": any(layer.kind == "conv1d-transformers" for layer in description.modules.values()),
         "bias": "none",
-        "modules_to_save": description["modules_to_save"] or None,
+        "modules_to_save": list(description.modules_to_save) or None,
         "init_lora_weights": True,
         "inference_mode": True,
+        **fields,
     }
 
 
-def write_peft(
-    directory: str | os.PathLike, description: dict[str, Any], tensors: dict[str, torch.Tensor], base_weights: dict[str, torch.Tensor] | None = None
-) -> Path:
-    """Write a PEFT LoRA directory (tensors first, then the config, each atomically)."""
+def write_peft(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+    """Write a PEFT LoRA directory from PEFT's tensors (:func:`peft_tensors`) and config
+    (:func:`peft_config`): tensors first, then the config, each atomically."""
     directory = Path(directory)
+    metadata = {"format": "pt", "exported_by": f"moslora {__version__}: each mixer folded into lora_A (A' = M·A), exactly equal"}
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+def export_peft(
+    directory: str | os.PathLike, description: AdapterDescription, tensors: dict[str, torch.Tensor],
+    base_weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write an adapter as an exactly equal PEFT LoRA directory (``base_weights``: the embedding
+    base weights a PEFT directory carried, keyed ``<m>.weight``, written back as PEFT stores them)."""
     out = peft_tensors(description, tensors)
     for key, tensor in (base_weights or {}).items():
         out[f"{PREFIX}{key[: -len('.weight')]}.base_layer.weight"] = tensor.contiguous()
-    metadata = {"format": "pt", "exported_by": f"moslora {__version__}: each mixer folded into lora_A (A' = M·A), exactly equal"}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(out, str(tmp), metadata=metadata))
-    atomic_write_json(directory / CONFIG_NAME, peft_config(description))
-    return directory
+    return write_peft(directory, out, peft_config(description))
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -333,24 +323,3 @@ def _kind(module: str, A: torch.Tensor, embeddings: set[str], cfg: dict[str, Any
 
 def _config_says_mixer(cfg: dict[str, Any]) -> bool:
     return bool(cfg.get("lora_use_mixer") or cfg.get("use_moslora") or cfg.get("use_mixer"))
-
-
-def _check_base_weights(model: nn.Module, directory: Path, base_weights: dict[str, torch.Tensor]) -> None:
-    # PEFT stores an adapted embedding's base weight too; it must be this model's, or the adapter
-    # was trained on a different (e.g. resized) embedding and would not fit.
-    for key, saved in base_weights.items():
-        module, _, param = key.rpartition(".")
-        current = None
-        for candidate in (key, f"{module}.base_layer.{param}"):  # the model may be injected already
-            try:
-                current = model.get_parameter(candidate)
-                break
-            except AttributeError:
-                continue
-        if current is None:
-            raise AdapterFormatError(f"{directory}: the adapter stores base weight {key!r}, which this model does not have")
-        if current.shape != saved.shape or not torch.equal(current.detach().cpu().to(saved.dtype), saved):
-            raise AdapterFormatError(
-                f"{directory}: the adapter's copy of base weight {key!r} differs from this model's; "
-                "it was trained on a different (resized?) base, so apply that base first"
-            )

@@ -15,7 +15,8 @@ ordinary injected model with its own config, and nothing in the core changes:
 
 from __future__ import annotations
 
-from typing import Mapping
+import contextlib
+from typing import Iterator, Mapping
 
 from torch import nn
 
@@ -46,14 +47,9 @@ def inject_groups(model: nn.Module, groups: Mapping[str, MoSLoRAConfig]) -> nn.M
     existing = next(adapter_layers(model), None)
     if existing is not None:
         raise ValueError(f"this model already has MoSLoRA adapters (e.g. at {existing[0]!r}); unload them first")
-    for param in model.parameters():  # parts outside every group stay frozen; inject unfreezes the adapters
-        param.requires_grad_(False)
-    try:
+    with frozen_outside_adapters(model):  # inject unfreezes each group's adapters
         for prefix in prefixes:
             inject(model.get_submodule(prefix), groups[prefix])
-    except Exception:
-        unload(model)  # a failed group leaves no half-injected model behind
-        raise
     return model
 
 
@@ -62,3 +58,20 @@ def adapter_groups(model: nn.Module) -> dict[str, MoSLoRAConfig]:
     model injected as a whole; ``{}`` for one without adapters)."""
     return {name: getattr(module, CONFIG_ATTR) for name, module in model.named_modules() if hasattr(module, CONFIG_ATTR)}
 
+
+
+@contextlib.contextmanager
+def frozen_outside_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """For adding adapters group by group: a model without adapters is frozen first (what lies
+    outside every group stays frozen), and if the block fails, every adapter added in it is
+    removed again, so the model is left without adapters, as it came."""
+    had_adapters = next(adapter_layers(model), None) is not None
+    if not had_adapters:
+        for param in model.parameters():
+            param.requires_grad_(False)
+    try:
+        yield model
+    except BaseException:
+        if not had_adapters:
+            unload(model)
+        raise

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moslora.config import ALL_LINEAR, MoSLoRAConfig
-from moslora.core.layers import SUPPORTED_KINDS, MoSLoRALayer, _transformers_conv1d, layer_class_for
+from moslora.core.layers import SUPPORTED_KINDS, MoSLoRALayer, is_linear_kind, layer_class_for
 
 CONFIG_ATTR = "_moslora_config"
 
@@ -45,7 +45,7 @@ def find_targets(model: nn.Module, config: MoSLoRAConfig) -> list[str]:
         if config.exclude_modules is not None and matches(name, config.exclude_modules):
             continue
         if config.target_modules == ALL_LINEAR:
-            if module is output_head or not _is_linear(module):
+            if module is output_head or not is_linear_kind(module):
                 continue
         elif not matches(name, config.target_modules):
             continue
@@ -86,7 +86,7 @@ def inject(model: nn.Module, config: MoSLoRAConfig) -> nn.Module:
         param.requires_grad_(False)
     layers = []
     for name in targets:
-        parent, attr = _parent(model, name)
+        parent, attr = parent_of(model, name)
         base = getattr(parent, attr)
         layer = layer_class_for(base, name)(base, config, init_mixer=False)
         layer.train(base.training)  # a model injected in eval mode must not start dropping out
@@ -120,14 +120,6 @@ def _modules_to_save(model: nn.Module, config: MoSLoRAConfig) -> list[str]:
     return names
 
 
-def _is_linear(module: nn.Module) -> bool:
-    conv1d = _transformers_conv1d()
-    if conv1d is not None and isinstance(module, conv1d):
-        return True
-    # MultiheadAttention's out_proj is never called as a module, so an adapter there would be dead.
-    return isinstance(module, nn.Linear) and not isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear)
-
-
 def _output_head(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
@@ -138,7 +130,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def parent_of(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that holds submodule ``name`` as an attribute, and that attribute's name."""
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
@@ -151,7 +144,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> nn.Module:
             layer.merge()
         elif not merge and layer.merged:
             layer.unmerge()
-        parent, attr = _parent(model, name)
+        parent, attr = parent_of(model, name)
         setattr(parent, attr, layer.base_layer)
     # Adapter groups (moslora.model.groups) keep their config on the submodule they were injected into.
     for module in model.modules():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moslora.core.weights import check_mergeable, dense_copy
-from moslora.model.inject import _parent, adapter_layers, saved_module_names, unload
+from moslora.model.inject import adapter_layers, parent_of, saved_module_names, unload
 
 
 def _layers_or_raise(model: nn.Module):
@@ -78,7 +78,7 @@ def _dequantize_layers(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         dense = dense_copy(module)
         if dense is not None:
-            parent, attr = _parent(model, name)
+            parent, attr = parent_of(model, name)
             setattr(parent, attr, dense)
     # A transformers model also records that it is quantized; it no longer is.
     quantizer = getattr(model, "hf_quantizer", None)

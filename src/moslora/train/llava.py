@@ -35,7 +35,8 @@ from transformers.trainer_callback import ProgressCallback
 
 from moslora.config import ALL_LINEAR, MIXERS, MoSLoRAConfig
 from moslora.io.atomic import atomic_write_json
-from moslora.io.groups import load_adapter_groups, save_adapter_groups
+from moslora.io.groups import save_adapter_groups
+from moslora.io.load import load_adapter_groups
 from moslora.model.groups import inject_groups
 from moslora.model.ops import merge_and_unload
 from moslora.train import checkpoint as ckpt

@@ -25,7 +25,8 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_callback import ProgressCallback
 
 from moslora.io.atomic import atomic_write_json
-from moslora.io.native import load_adapter, save_adapter
+from moslora.io.load import load_adapter
+from moslora.io.native import save_adapter
 from moslora.model.inject import inject
 from moslora.model.ops import parameter_counts
 from moslora.train import checkpoint as ckpt
