@@ -87,6 +87,19 @@ def test_auto_peft_model_loads_the_export(tmp_path):
     torch.testing.assert_close(logits(loaded.eval()), logits(model), atol=1e-5, rtol=1e-5)
 
 
+def test_auto_peft_model_loads_an_export_made_from_the_saved_directory(tmp_path):
+    # The native directory records the task type, so an export made without the model still tells
+    # AutoPeftModelFor… which class to build.
+    base, model = trained(tiny_llama, ["q_proj", "v_proj"])
+    base.save_pretrained(tmp_path / "base")
+    moslora.save_adapter(model, tmp_path / "native", base_model_name_or_path=str(tmp_path / "base"))
+    assert moslora.read_adapter(tmp_path / "native")[0].task_type == "CAUSAL_LM"
+    moslora.export_lora(tmp_path / "native", tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded.eval()), logits(model), atol=1e-5, rtol=1e-5)
+
+
 def test_export_from_a_directory_needs_no_model_and_equals_export_from_the_model(tmp_path):
     _, model = trained(tiny_llama, LLAMA_TARGETS, modules_to_save=["lm_head"])
     moslora.save_adapter(model, tmp_path / "native")

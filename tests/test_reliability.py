@@ -96,6 +96,9 @@ def test_an_extra_tensor_is_refused_never_dropped(tmp_path):
         (lambda d: d.update(format_version=99), "format_version 99"),
         (lambda d: d.update(format="someone-else"), "not a moslora adapter"),
         (lambda d: d.update(modules=[]), "'modules' must be a JSON object"),
+        (lambda d: d["modules"]["0"]["shapes"].pop("lora_M"), "field 'modules.0.shapes' has"),
+        (lambda d: d["modules"]["0"].update(kind="lstm"), "kind 'lstm' is not one of"),
+        (lambda d: d["modules"]["0"]["shapes"].update(lora_A=[5, 12]), "does not have rank r=4"),
     ],
 )
 def test_bad_config_fields_are_named(tmp_path, edit, words):

@@ -15,7 +15,8 @@ import time
 import torch
 from torch import nn
 
-import moslora
+from moslora.config import MoSLoRAConfig
+from moslora.model.inject import inject
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     for method, mixer in methods.items():
         torch.manual_seed(args.seed + 1)  # same A for both methods (A is drawn before any mixer)
         batches = torch.Generator().manual_seed(args.seed + 2)  # same batches too
-        model = moslora.inject(copy.deepcopy(base), moslora.MoSLoRAConfig(r=args.r, alpha=2 * args.r, mixer=mixer))
+        model = inject(copy.deepcopy(base), MoSLoRAConfig(r=args.r, alpha=2 * args.r, mixer=mixer))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
         start, losses = time.perf_counter(), []

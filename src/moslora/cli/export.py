@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-import moslora
-from moslora.io.export import FORMATS
+from moslora.io.export import FORMATS, export_lora
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = moslora.export_lora(
+    out = export_lora(
         args.src, args.out, args.format, prefix=args.prefix, base_model_name_or_path=args.base_model, allow_pickle=args.allow_pickle
     )
     print(f"wrote a plain LoRA adapter ({args.format} format) to {out}")
