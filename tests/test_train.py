@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import moslora
 from llm_fixtures import boolq_rows, build_tiny_llama, write_jsonl
 from moslora.train import NonFiniteLossError, Recipe, load_recipe, read_rows, tokenize_row, train_causal_lm
-from moslora.train.checkpoint import last_checkpoint
+from moslora.hf.state import last_checkpoint
 from moslora.train.data import IGNORE_INDEX, build_datasets, prompt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_train_writes_adapter_only_outputs_and_learns(tiny, train_file, tmp_path
     assert all(torch.equal(final[k], v) for k, v in load_file(out / "checkpoint-8" / "adapter_model.safetensors").items())
     losses = [e["loss"] for e in json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert losses[-1] < losses[0]
-    assert result.adapter_dir == out
+    assert result.output_dir == out
 
 
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny, train_file, tmp_path):

@@ -34,8 +34,9 @@ from moslora import __version__
 from moslora.config import MoSLoRAConfig
 from moslora.core.layers import MoSLoRALayer, layer_class_for
 from moslora.io.atomic import atomic_write, atomic_write_json
+from moslora.io.validate import AdapterFormatError, check_adapter_tensors
 from moslora.model.inject import adapter_layers, get_config, inject, saved_module_names
-from moslora.model.ops import adapter_state_dict
+from moslora.model.sharded import adapter_entries, clean_name, gather_adapter, is_writer, layer_shapes, same_outcome, sharding, unwrap
 
 FORMAT = "moslora"
 FORMAT_VERSION = 1
@@ -48,24 +49,32 @@ MAX_RANK = 65536
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
-class AdapterFormatError(ValueError):
-    """An adapter directory or file is malformed, inconsistent, or does not fit the model."""
-
-
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter (only the adapter) of an injected model to ``directory``. Returns the path."""
-    description, tensors = adapter_contents(model, base_model_name_or_path=base_model_name_or_path)
+    """Write the adapter (only the adapter) of an injected model to ``directory``. Returns the path.
+
+    Every tensor is checked before anything is written (see :mod:`moslora.io.validate`). In a
+    distributed run only process 0 writes. On a model whose adapter an engine shards (FSDP,
+    DeepSpeed ZeRO-3), call it on every process with the model as the engine wrapped it: the
+    adapter is gathered collectively, and if process 0 fails every process raises.
+    """
     directory = Path(directory)
-    metadata = {"format": FORMAT, _METADATA_KEY: json.dumps(description)}
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    atomic_write_json(directory / CONFIG_NAME, description)
+    with same_outcome(collective=sharding(model) is not None):
+        description, tensors = adapter_contents(model, base_model_name_or_path=base_model_name_or_path)
+        if is_writer():
+            metadata = {"format": FORMAT, _METADATA_KEY: json.dumps(description)}
+            atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+            atomic_write_json(directory / CONFIG_NAME, description)
     return directory
 
 
 def adapter_contents(model: nn.Module, *, base_model_name_or_path: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """What :func:`save_adapter` writes, in memory: the description and the tensors (on CPU)."""
+    """What :func:`save_adapter` writes, in memory: the description and the tensors (on CPU),
+    checked. Collective on a sharded model (see :func:`save_adapter`)."""
+    tensors = gather_adapter(model)
+    check_adapter_tensors(f"the adapter of this {type(model).__name__}", tensors, {e.key: e.shape for e in adapter_entries(model)})
+    model = unwrap(model)
     config = get_config(model)
-    layers = list(adapter_layers(model))
+    layers = [(clean_name(name), layer) for name, layer in adapter_layers(model)]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     description = {
@@ -75,9 +84,8 @@ def adapter_contents(model: nn.Module, *, base_model_name_or_path: str | None = 
         "base_model_name_or_path": base_model_name_or_path,
         "config": config.to_dict(),
         "modules": {name: _describe(layer) for name, layer in layers},
-        "modules_to_save": saved_module_names(model),
+        "modules_to_save": [clean_name(name) for name in saved_module_names(model)],
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
     return description, tensors
 
 
@@ -176,7 +184,7 @@ def _describe(layer: MoSLoRALayer) -> dict[str, Any]:
         "kind": layer.kind,
         "in_features": layer.in_features,
         "out_features": layer.out_features,
-        "shapes": {attr: list(param.shape) for attr, param in layer.adapter_parameters()},
+        "shapes": {attr: list(shape) for attr, shape in layer_shapes(layer).items()},
     }
 
 
