@@ -70,8 +70,9 @@ def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     for key, value in meta["scalars"].items():
         name, field = key.rsplit(".", 1)
         state.setdefault(name, {})[field] = value
+    # Not strict: a parameter that never had a gradient (e.g. in a layer whose output is unused) has no state.
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]},
-                             options=StateDictOptions(full_state_dict=True))
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def save_json_state(obj: Any, path: Path) -> None:
