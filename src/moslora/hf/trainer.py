@@ -128,6 +128,15 @@ class AdapterTrainerMixin:
     def _deepspeed(self) -> bool:
         return bool(self.is_deepspeed_enabled)
 
+    @property
+    def engine(self) -> str:
+        """What trains: ``"deepspeed"``, ``"fsdp"``, ``"ddp"`` or ``"single"`` (one process)."""
+        if self._deepspeed():
+            return "deepspeed"
+        if self.is_fsdp_enabled:
+            return "fsdp"
+        return "ddp" if self.args.world_size > 1 else "single"
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         folder = Path(output_dir)
         if self._deepspeed():

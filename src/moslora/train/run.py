@@ -24,6 +24,7 @@ from moslora.hf.state import last_checkpoint, read_trainer_state
 from moslora.hf.trainer import TRAINING_ARGS_JSON, AdapterTrainer
 from moslora.io.atomic import atomic_write_json
 from moslora.model.groups import inject_groups
+from moslora.model.sharded import sharding
 from moslora.train.model import resolve_dtype
 from moslora.train.recipe import RecipeBase
 from moslora.train.report import plot_loss_curve, summary
@@ -165,6 +166,8 @@ def run_training(
         "total_params": counts["total"],
         "adapter_params": {"A": counts["A"], "M": counts["M"], "B": counts["B"]},
         "world_size": args.world_size,
+        "engine": trainer.engine,                               # what actually ran (accelerate turns FSDP on CPU into DDP)
+        "adapter_sharding": sharding(trainer.model_wrapped),   # fsdp2, fsdp1, zero3, or None: whole on every process
         "method": recipe.method,
         "mixer": recipe.mixer_or_none,
         **data_metrics,
