@@ -140,7 +140,7 @@ def test_engine_saves_the_adapter_a_single_process_trains_and_resumes_to_it(engi
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "deepspeed-zero3"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_non_finite_loss_stops_every_process_before_the_weights_change(engine, tiny, train_file, tmp_path):
     """A learning rate of 1e30 makes step 2's loss non-finite. Under DeepSpeed the gradients are
     not visible and the engine steps inside backward, so only the loss check can stop it."""

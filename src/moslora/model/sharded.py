@@ -171,7 +171,9 @@ def _gather_fsdp1(model: nn.Module) -> dict[str, torch.Tensor]:
 
     with contextlib.ExitStack() as stack:
         for unit in _outermost_fsdp1(model):
-            stack.enter_context(FSDP.summon_full_params(unit, writeback=False, rank0_only=True, offload_to_cpu=True))
+            # Offloading is for accelerator memory (and crashes when the parameters are on CPU already).
+            on_cpu = all(p.device.type == "cpu" for p in unit.parameters())
+            stack.enter_context(FSDP.summon_full_params(unit, writeback=False, rank0_only=True, offload_to_cpu=not on_cpu))
         found = [{e.key: _cpu(e.tensor) for e in adapter_entries(model)} if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(found, src=0)
     return found[0]
