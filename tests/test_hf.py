@@ -185,3 +185,33 @@ def test_save_adapter_gathers_fsdp_shards_on_every_process(kind, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
     assert (tmp_path / "saved" / CONFIG_NAME).is_file()
+
+
+# ----- the guard ----------------------------------------------------------------------------------------
+def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_optimizer_step(tiny, tmp_path):
+    """The loss check cannot see this one (the loss is finite); the gradient check before the
+    optimizer step does, and the adapter keeps the last good values."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, DataCollatorForLanguageModeling, TrainerCallback, TrainingArguments
+
+    from moslora.hf import NonFiniteLossError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    data = Dataset.from_dict(tokenizer(_texts(8)))
+    model = _injected(tiny)
+    B = model.model.layers[0].self_attn.q_proj.lora_B
+
+    class PoisonStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                B.register_hook(lambda g: g * float("nan"))
+                self.before = B.detach().clone()
+
+    poison = PoisonStep3()
+    args = TrainingArguments(str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2, report_to="none",
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=data, callbacks=[poison],
+                             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+    with pytest.raises(NonFiniteLossError, match="a gradient became non-finite .* at step 3.*none"):
+        trainer.train()
+    assert torch.equal(B.detach(), poison.before)
