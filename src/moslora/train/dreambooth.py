@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moslora.hf.trainer import NonFiniteLossError
+from moslora.hf.trainer import TRAINING_ARGS_JSON, NonFiniteLossError
 from moslora.io.atomic import atomic_write_json
 from moslora.io.export import export_lora
 from moslora.io.native import save_adapter
@@ -40,7 +40,7 @@ from moslora.model.inject import inject
 from moslora.model.ops import parameter_counts
 from moslora.train.recipe import RecipeBase, resolve_recipe
 from moslora.train.report import plot_loss_curve
-from moslora.train.run import ARGS_JSON, LOSS_CURVE_PNG, METRICS_JSON
+from moslora.train.run import LOSS_CURVE_PNG, METRICS_JSON
 
 DIFFUSERS_DIR = "diffusers_lora"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -217,7 +217,7 @@ def train_dreambooth(
     noise_gen = torch.Generator(device=device).manual_seed(recipe.seed + accelerator.process_index)
 
     if accelerator.is_main_process:
-        atomic_write_json(out / ARGS_JSON, {"task": "dreambooth", "recipe": recipe.to_dict(), "world_size": accelerator.num_processes,
+        atomic_write_json(out / TRAINING_ARGS_JSON, {"task": "dreambooth", "recipe": recipe.to_dict(), "world_size": accelerator.num_processes,
                                             "mixed_precision": accelerator.mixed_precision, "images": [str(p) for p in images]})
     log: list[dict[str, float]] = []
     step, window = 0, []

@@ -29,10 +29,9 @@ from moslora.train.model import resolve_dtype
 from moslora.train.recipe import RecipeBase
 from moslora.train.report import plot_loss_curve, summary
 
-# What a run leaves in its output folder (beside the adapter and the checkpoints).
+# What a run leaves in its output folder beside the adapter, the checkpoints and TRAINING_ARGS_JSON.
 METRICS_JSON = "metrics.json"
 LOSS_CURVE_PNG = "loss_curve.png"
-ARGS_JSON = TRAINING_ARGS_JSON
 
 
 @dataclass
@@ -144,7 +143,7 @@ def run_training(
     run_arguments = {"task": task, "recipe": recipe.to_dict(), "world_size": args.world_size,
                      "resumed_from": str(resume_from) if resume_from else None, "training_arguments": args.to_dict()}
     if args.should_save:
-        atomic_write_json(out / ARGS_JSON, run_arguments)
+        atomic_write_json(out / TRAINING_ARGS_JSON, run_arguments)
     tokens_before = int(read_trainer_state(resume_from).get("num_input_tokens_seen", 0)) if resume_from else 0
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -175,10 +174,10 @@ def run_training(
     trainer.save_model(str(out))  # every process: a sharded adapter is gathered
     if args.should_save:
         written: dict[str, Path | None] = {"adapter": out}
-        atomic_write_json(out / ARGS_JSON, run_arguments)  # save_model wrote Trainer's arguments alone there
+        atomic_write_json(out / TRAINING_ARGS_JSON, run_arguments)  # save_model wrote Trainer's arguments alone there
         atomic_write_json(out / METRICS_JSON, metrics)
         written["metrics"] = out / METRICS_JSON
-        written["arguments"] = out / ARGS_JSON
+        written["arguments"] = out / TRAINING_ARGS_JSON
         written["loss curve"] = plot_loss_curve(trainer.state.log_history, out / LOSS_CURVE_PNG, title=title)
         written["checkpoints"] = last_checkpoint(out)
         if after_save is not None:

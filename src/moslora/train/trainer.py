@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from transformers import DataCollatorForSeq2Seq, TrainerCallback, set_seed
 
-from moslora.hf import AdapterTrainer, NonFiniteLossError  # noqa: F401 - the trainer and error of this task
+from moslora.hf import AdapterTrainer  # noqa: F401 - compare/runner.py imports it from here; it lives in moslora.hf
 from moslora.train.data import build_datasets
 from moslora.train.model import load_model
 from moslora.train.recipe import Recipe, resolve_recipe
