@@ -289,7 +289,7 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny, data, run
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    from moslora.train.checkpoint import last_checkpoint
+    from moslora.hf.state import last_checkpoint
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -336,7 +336,7 @@ def test_qlora_4bit_step_trains_the_adapters(tiny, data, tmp_path):
     model, _ = load_llava(str(tiny), precision="fp32", quantize="4bit")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.language_model.modules())
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.model.vision_tower.modules())
-    load_adapter_groups(model, result.adapter_dir, trainable=False)
+    load_adapter_groups(model, result.output_dir, trainable=False)
     for prefix in (LANGUAGE_MODEL, VISION_TOWER):
         assert max(l.lora_B.abs().max().item() for n, l in moslora.adapter_layers(model) if n.startswith(prefix)) > 0
 

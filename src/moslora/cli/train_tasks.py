@@ -37,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_task(args: argparse.Namespace) -> int:
+    from moslora.hf import NonFiniteLossError
     from moslora.train.dreambooth import DreamBoothRecipe, train_dreambooth
     from moslora.train.llava import LlavaRecipe, train_llava
-    from moslora.train.trainer import NonFiniteLossError
 
     recipe_cls = {"llava": LlavaRecipe, "dreambooth": DreamBoothRecipe}[args.task]
     fields = {f.name for f in dataclasses.fields(recipe_cls)}
@@ -47,13 +47,13 @@ def run_task(args: argparse.Namespace) -> int:
     unused = sorted(name for name in given if name not in fields)
     if unused:
         raise ValueError(f"--{unused[0].replace('_', '-')} does not apply to --task {args.task}")
-    if args.task == "dreambooth":
-        if args.resume:
-            raise ValueError("--resume is not supported for --task dreambooth (its checkpoints hold the adapter only)")
-        train_dreambooth(recipe=args.config, **given)
-        return 0
+    if args.task == "dreambooth" and args.resume:
+        raise ValueError("--resume is not supported for --task dreambooth (its checkpoints hold the adapter only)")
     try:
-        train_llava(recipe=args.config, resume=args.resume, **given)
+        if args.task == "dreambooth":
+            train_dreambooth(recipe=args.config, **given)
+        else:
+            train_llava(recipe=args.config, resume=args.resume, **given)
     except NonFiniteLossError as e:
         print(f"moslora train: stopped: {e}", file=sys.stderr)
         return 1

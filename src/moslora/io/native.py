@@ -36,8 +36,9 @@ from torch import nn
 from moslora.config import MoSLoRAConfig
 from moslora.core.layers import LAYER_KINDS
 from moslora.io.atomic import atomic_write, atomic_write_json
+from moslora.io.validate import check_adapter_tensors
 from moslora.model.description import AdapterDescription, AdapterFormatError, LayerDescription, describe_adapter
-from moslora.model.ops import adapter_state_dict
+from moslora.model.sharded import adapter_entries, gather_adapter, is_writer, same_outcome, sharding, unwrap
 from moslora.version import __version__
 
 FORMAT = "moslora"
@@ -49,15 +50,27 @@ _METADATA_KEY = "moslora_adapter_config"
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapter (only the adapter) of an injected model to ``directory``. Returns the path."""
-    return write_adapter(directory, *adapter_contents(model, base_model_name_or_path=base_model_name_or_path))
+    """Write the adapter (only the adapter) of an injected model to ``directory``. Returns the path.
+
+    Every tensor is checked before anything is written (see :mod:`moslora.io.validate`). In a
+    distributed run only process 0 writes. On a model whose adapter an engine shards (FSDP,
+    DeepSpeed ZeRO-3), call it on every process with the model as the engine wrapped it: the
+    adapter is gathered collectively, and if process 0 fails every process raises.
+    """
+    directory = Path(directory)
+    with same_outcome(collective=sharding(model) is not None):
+        description, tensors = adapter_contents(model, base_model_name_or_path=base_model_name_or_path)
+        if is_writer():
+            write_adapter(directory, description, tensors)
+    return directory
 
 
 def adapter_contents(model: nn.Module, *, base_model_name_or_path: str | None = None) -> tuple[AdapterDescription, dict[str, torch.Tensor]]:
-    """What :func:`save_adapter` writes, in memory: the description and the tensors (on CPU)."""
-    description = describe_adapter(model, base_model_name_or_path=base_model_name_or_path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    return description, tensors
+    """What :func:`save_adapter` writes, in memory: the description and the tensors (whole, on
+    CPU), checked. Collective on a sharded model (see :func:`save_adapter`)."""
+    tensors = gather_adapter(model)
+    check_adapter_tensors(f"the adapter of this {type(model).__name__}", tensors, {e.key: e.shape for e in adapter_entries(model)})
+    return describe_adapter(unwrap(model), base_model_name_or_path=base_model_name_or_path), tensors
 
 
 def write_adapter(directory: str | os.PathLike, description: AdapterDescription, tensors: dict[str, torch.Tensor]) -> Path:

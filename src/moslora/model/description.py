@@ -21,6 +21,7 @@ from torch import nn
 from moslora.config import MoSLoRAConfig
 from moslora.core.layers import MoSLoRALayer
 from moslora.model.inject import adapter_layers, get_config, saved_module_names
+from moslora.model.sharded import clean_name, layer_shapes
 
 # PEFT's task_type by the model class's name: it picks the PeftModel class (and lets
 # AutoPeftModelFor… load an exported adapter).
@@ -52,8 +53,8 @@ class LayerDescription:
 
     @classmethod
     def of(cls, layer: MoSLoRALayer) -> "LayerDescription":
-        return cls(layer.kind, layer.in_features, layer.out_features,
-                   {attr: tuple(param.shape) for attr, param in layer.adapter_parameters()})
+        """The layer as built (its parameters may be sharded by an engine now)."""
+        return cls(layer.kind, layer.in_features, layer.out_features, layer_shapes(layer))
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,14 @@ class AdapterDescription:
 
 def describe_adapter(model: nn.Module, *, base_model_name_or_path: str | None = None) -> AdapterDescription:
     """The description of an injected model's adapter (as a whole: for adapter groups, describe
-    each group's submodule). The base model's name defaults to ``model.config.name_or_path``."""
+    each group's submodule), under the model's own module names (without the path segments that
+    FSDP or activation checkpointing insert). The base model's name defaults to ``model.config.name_or_path``."""
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     return AdapterDescription(
         config=get_config(model),
-        modules={name: LayerDescription.of(layer) for name, layer in adapter_layers(model)},
-        modules_to_save=tuple(saved_module_names(model)),
+        modules={clean_name(name): LayerDescription.of(layer) for name, layer in adapter_layers(model)},
+        modules_to_save=tuple(clean_name(name) for name in saved_module_names(model)),
         base_model_name_or_path=base_model_name_or_path,
         task_type=next((t for suffix, t in _TASK_TYPES.items() if type(model).__name__.endswith(suffix)), None),
     )

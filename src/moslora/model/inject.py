@@ -10,6 +10,7 @@ from torch import nn
 
 from moslora.config import ALL_LINEAR, MoSLoRAConfig
 from moslora.core.layers import SUPPORTED_KINDS, MoSLoRALayer, is_linear_kind, layer_class_for
+from moslora.model.full_state import watch_full_state
 
 CONFIG_ATTR = "_moslora_config"
 
@@ -97,6 +98,7 @@ def inject(model: nn.Module, config: MoSLoRAConfig) -> nn.Module:
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     setattr(model, CONFIG_ATTR, config)
+    watch_full_state(model)  # its full state_dict is no checkpoint of the trained model: say so when one is taken
     return model
 
 

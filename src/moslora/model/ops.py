@@ -11,6 +11,7 @@ from torch import nn
 
 from moslora.core.weights import check_mergeable, dense_copy
 from moslora.model.inject import adapter_layers, parent_of, saved_module_names, unload
+from moslora.model.sharded import numel
 
 
 def _layers_or_raise(model: nn.Module):
@@ -137,10 +138,10 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     for _, layer in adapter_layers(model):
         for attr, param in layer.adapter_parameters():
             if param.requires_grad:
-                counts[attr[-1]] += param.numel()
+                counts[attr[-1]] += _numel(param)
     saved = {id(p) for n in saved_module_names(model) for p in model.get_submodule(n).parameters()}
-    counts["saved"] = sum(p.numel() for p in model.parameters() if id(p) in saved and p.requires_grad)
-    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts["saved"] = sum(_numel(p) for p in model.parameters() if id(p) in saved and p.requires_grad)
+    counts["trainable"] = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     counts["total"] = sum(_numel(p) for p in model.parameters())
     return counts
 
@@ -160,8 +161,9 @@ def print_trainable_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def _numel(param: torch.Tensor) -> int:
-    # bitsandbytes packs two 4-bit values per byte; count the logical weights.
+    # bitsandbytes packs two 4-bit values per byte; count the logical weights. A sharded
+    # parameter counts whole.
     shape = getattr(param, "quant_state", None)
     if shape is not None and getattr(shape, "shape", None) is not None:
         return int(torch.Size(shape.shape).numel())
-    return param.numel()
+    return numel(param)

@@ -5,9 +5,9 @@
 import importlib
 
 _EXPORTS = {
-    "NonFiniteLossError": "moslora.train.trainer",
+    "NonFiniteLossError": "moslora.hf.trainer",
     "Recipe": "moslora.train.recipe",
-    "TrainResult": "moslora.train.trainer",
+    "TrainResult": "moslora.train.run",
     "build_datasets": "moslora.train.data",
     "load_model": "moslora.train.model",
     "load_recipe": "moslora.train.recipe",

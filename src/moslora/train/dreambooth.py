@@ -32,19 +32,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from moslora.config import MIXERS, MoSLoRAConfig
+from moslora.hf.trainer import TRAINING_ARGS_JSON, NonFiniteLossError
 from moslora.io.atomic import atomic_write_json
 from moslora.io.export import export_lora
 from moslora.io.native import save_adapter
 from moslora.model.inject import inject
 from moslora.model.ops import parameter_counts
-from moslora.train.recipe import METHODS, PRECISIONS, RecipeBase, _number, resolve_recipe
+from moslora.train.recipe import RecipeBase, resolve_recipe
 from moslora.train.report import plot_loss_curve
+from moslora.train.run import LOSS_CURVE_PNG, METRICS_JSON
 
 DIFFUSERS_DIR = "diffusers_lora"
-METRICS_JSON = "metrics.json"
-LOSS_CURVE_PNG = "loss_curve.png"
-ARGS_JSON = "training_args.json"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -82,35 +80,13 @@ class DreamBoothRecipe(RecipeBase):
     seed: int = 0
     precision: str = "auto"
 
-    def __post_init__(self) -> None:
-        for name in ("alpha", "dropout", "learning_rate", "weight_decay", "max_grad_norm"):
-            setattr(self, name, _number(name, getattr(self, name)))
-        if self.method not in METHODS:
-            raise ValueError(f"recipe: method must be one of {METHODS}, got {self.method!r}")
-        if self.mixer not in MIXERS:
-            raise ValueError(f"recipe: mixer must be one of {MIXERS}, got {self.mixer!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"recipe: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("max_steps", "batch_size", "micro_batch_size", "resolution", "save_steps", "logging_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"recipe: {name} must be a positive integer, got {value!r}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"recipe: batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
-        if self.warmup_steps < 0 or not self.learning_rate > 0:
-            raise ValueError("recipe: warmup_steps must be >= 0 and learning_rate positive")
-        self.adapter_config()
-
-    def adapter_config(self) -> MoSLoRAConfig:
-        mixer = None if self.method == "lora" else self.mixer
-        return MoSLoRAConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules, mixer=mixer)
-
-
 
 @dataclass
 class DreamBoothResult:
+    """Where the run wrote (the native adapter is in ``output_dir`` itself, its diffusers export in
+    ``diffusers_dir``), its final metrics and its recipe."""
+
     output_dir: Path
-    adapter_dir: Path
     diffusers_dir: Path
     metrics: dict[str, Any]
     recipe: DreamBoothRecipe
@@ -241,7 +217,7 @@ def train_dreambooth(
     noise_gen = torch.Generator(device=device).manual_seed(recipe.seed + accelerator.process_index)
 
     if accelerator.is_main_process:
-        atomic_write_json(out / ARGS_JSON, {"task": "dreambooth", "recipe": recipe.to_dict(), "world_size": accelerator.num_processes,
+        atomic_write_json(out / TRAINING_ARGS_JSON, {"task": "dreambooth", "recipe": recipe.to_dict(), "world_size": accelerator.num_processes,
                                             "mixed_precision": accelerator.mixed_precision, "images": [str(p) for p in images]})
     log: list[dict[str, float]] = []
     step, window = 0, []
@@ -266,8 +242,9 @@ def train_dreambooth(
                 else:
                     target = noise
                 loss = F.mse_loss(prediction.float(), target.float())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became non-finite at step {step + 1}; no adapter saved for that step")
+                if not torch.isfinite(accelerator.gather(loss.detach()[None])).all():  # every process stops alike
+                    raise NonFiniteLossError(f"the loss became non-finite (NaN or Inf) at step {step + 1}, before that step "
+                                             "changed any weight; no adapter was saved for it")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
@@ -280,15 +257,14 @@ def train_dreambooth(
                 if step % recipe.logging_steps == 0 or step == recipe.max_steps:
                     log.append({"step": step, "loss": sum(window) / len(window), "learning_rate": lr_scheduler.get_last_lr()[0]})
                     window = []
-                if step % recipe.save_steps == 0 and step < recipe.max_steps and accelerator.is_main_process:
-                    save_adapter(accelerator.unwrap_model(unet), out / f"checkpoint-{step}", base_model_name_or_path=recipe.model)
+                if step % recipe.save_steps == 0 and step < recipe.max_steps:  # every process: a sharded adapter is gathered
+                    save_adapter(unet, out / f"checkpoint-{step}", base_model_name_or_path=recipe.model)
                 if step >= recipe.max_steps:
                     break
     seconds = time.perf_counter() - start
     accelerator.wait_for_everyone()
 
-    unet = accelerator.unwrap_model(unet)
-    counts = parameter_counts(unet)
+    counts = parameter_counts(accelerator.unwrap_model(unet))
     metrics = {
         "task": "dreambooth",
         "steps": step,
@@ -301,12 +277,12 @@ def train_dreambooth(
         "mixed_precision": accelerator.mixed_precision,
         "world_size": accelerator.num_processes,
         "method": recipe.method,
-        "mixer": None if recipe.method == "lora" else recipe.mixer,
+        "mixer": recipe.mixer_or_none,
         "log": log,
     }
+    save_adapter(unet, out, base_model_name_or_path=recipe.model)  # every process: a sharded adapter is gathered
     if accelerator.is_main_process:
-        save_adapter(unet, out, base_model_name_or_path=recipe.model)
-        export_lora(unet, out / DIFFUSERS_DIR, format="diffusers", prefix="unet")
+        export_lora(accelerator.unwrap_model(unet), out / DIFFUSERS_DIR, format="diffusers", prefix="unet")
         atomic_write_json(out / METRICS_JSON, metrics)
         curve = plot_loss_curve(log, out / LOSS_CURVE_PNG, title=f"DreamBooth {recipe.method} r={recipe.r}: {recipe.instance_prompt!r}")
         print(f"done: {step} steps in {seconds:.1f} s, final loss {metrics['train_loss']:.4f}, "
@@ -314,4 +290,4 @@ def train_dreambooth(
               f"  adapter        {out}\n  diffusers LoRA {out / DIFFUSERS_DIR}\n  metrics        {out / METRICS_JSON}"
               + (f"\n  loss curve     {curve}" if curve else ""))
     accelerator.end_training()
-    return DreamBoothResult(out, out, out / DIFFUSERS_DIR, metrics, recipe)
+    return DreamBoothResult(out, out / DIFFUSERS_DIR, metrics, recipe)

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from moslora.config import MIXERS, MoSLoRAConfig
 
@@ -25,8 +25,58 @@ LLM_TARGETS = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
 class RecipeBase:
-    """What every recipe dataclass (this one, LLaVA's, DreamBooth's) shares: the batch arithmetic
-    and (de)serialization. Subclasses are dataclasses with ``batch_size`` and ``micro_batch_size``."""
+    """What every recipe dataclass (this one, LLaVA's, DreamBooth's) shares: its validation, the
+    batch arithmetic and (de)serialization.
+
+    Validation is written once, here: each field a subclass has is checked by its name against the
+    tables below (numbers may come from YAML as strings like ``"3e-4"``); a subclass adds only
+    :meth:`check_more` for fields of its own, and :meth:`adapter_groups` says which adapters it
+    trains (their configs validate ranks, alphas, dropouts and targets where they are defined).
+    """
+
+    NUMBERS: ClassVar[tuple[str, ...]] = ("alpha", "dropout", "vision_alpha", "vision_dropout", "learning_rate",
+                                          "weight_decay", "num_epochs", "max_grad_norm", "warmup_ratio")
+    POSITIVE_INTS: ClassVar[tuple[str, ...]] = ("batch_size", "micro_batch_size", "cutoff_len", "resolution", "save_steps",
+                                                "eval_steps", "logging_steps")
+    NON_NEGATIVE_INTS: ClassVar[tuple[str, ...]] = ("val_set_size", "warmup_steps", "vision_r")
+    CHOICES: ClassVar[dict[str, tuple]] = {"method": METHODS, "mixer": MIXERS, "quantize": QUANTIZE, "precision": PRECISIONS}
+
+    def __post_init__(self) -> None:
+        names = {f.name for f in dataclasses.fields(self)}
+        for name in names & set(self.NUMBERS):
+            setattr(self, name, number(name, getattr(self, name)))
+        for name, allowed in self.CHOICES.items():
+            if name in names and getattr(self, name) not in allowed:
+                raise ValueError(f"recipe: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in names & set(self.POSITIVE_INTS + self.NON_NEGATIVE_INTS):
+            value, least = getattr(self, name), 1 if name in self.POSITIVE_INTS else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"recipe: {name} must be a {'positive' if least else 'non-negative'} integer, got {value!r}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"recipe: batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps <= 0):
+            raise ValueError(f"recipe: max_steps must be a positive integer, got {self.max_steps!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"recipe: learning_rate must be positive, got {self.learning_rate}")
+        if "warmup_ratio" in names and not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"recipe: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        self.check_more()
+        self.adapter_groups()
+
+    def check_more(self) -> None:
+        """Checks of the fields only this kind of recipe has (none by default)."""
+
+    def adapter_groups(self) -> dict[str, MoSLoRAConfig]:
+        """The adapters to train, keyed by the submodule each applies to (``""``: the whole model)."""
+        return {"": self.adapter_config()}
+
+    def adapter_config(self) -> MoSLoRAConfig:
+        return MoSLoRAConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules, mixer=self.mixer_or_none)
+
+    @property
+    def mixer_or_none(self) -> str | None:
+        """The mixer kind; ``None`` for ``method="lora"`` (plain LoRA is MoSLoRA without M)."""
+        return None if self.method == "lora" else self.mixer
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -88,45 +138,10 @@ class Recipe(RecipeBase):
     gradient_checkpointing: bool = False
     skip_bad_rows: bool = False
 
-    def __post_init__(self) -> None:
-        for name in ("alpha", "dropout", "learning_rate", "weight_decay", "num_epochs", "max_grad_norm"):
-            setattr(self, name, _number(name, getattr(self, name)))
-        if self.method not in METHODS:
-            raise ValueError(f"recipe: method must be one of {METHODS}, got {self.method!r}")
-        if self.mixer not in MIXERS:
-            raise ValueError(f"recipe: mixer must be one of {MIXERS}, got {self.mixer!r}")
-        if self.quantize not in QUANTIZE:
-            raise ValueError(f"recipe: quantize must be one of {QUANTIZE}, got {self.quantize!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"recipe: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "micro_batch_size", "cutoff_len", "save_steps", "eval_steps", "logging_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"recipe: {name} must be a positive integer, got {value!r}")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"recipe: batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
-        if self.val_set_size < 0 or self.warmup_steps < 0:
-            raise ValueError("recipe: val_set_size and warmup_steps must be >= 0")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"recipe: max_steps must be positive, got {self.max_steps}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"recipe: learning_rate must be positive, got {self.learning_rate}")
-        self.adapter_config()  # r, alpha, dropout and targets are checked where they are defined
 
-    @property
-    def mixer_or_none(self) -> str | None:
-        """The mixer kind; ``None`` for ``method="lora"`` (plain LoRA is MoSLoRA without M)."""
-        return None if self.method == "lora" else self.mixer
-
-    def adapter_config(self) -> MoSLoRAConfig:
-        return MoSLoRAConfig(
-            r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules, mixer=self.mixer_or_none
-        )
-
-
-
-def _number(name: str, value: Any) -> float:
-    # PyYAML reads "3e-4" (no dot) as a string; accept it as the number it plainly is.
+def number(name: str, value: Any) -> float:
+    """A recipe field's value as a float. PyYAML reads "3e-4" (no dot) as a string; it is accepted
+    as the number it plainly is, anything else not a number is an error naming the field."""
     if isinstance(value, str):
         try:
             return float(value)
@@ -135,10 +150,6 @@ def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"recipe: {name} must be a number, got {value!r}")
     return float(value)
-
-
-def recipe_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(Recipe)]
 
 
 def load_recipe(path: str | os.PathLike | None = None, *, cls: type = Recipe, **overrides: Any) -> Any:

@@ -1,9 +1,16 @@
 """Training state on disk without pickles: tensors in safetensors, the rest in JSON.
 
-A checkpoint folder ``checkpoint-N`` holds the adapter in moslora's native format, the
-optimizer state (``optimizer.safetensors`` + ``optimizer.json``), the LR scheduler
-(``scheduler.json``), the random generators (``rng_state[_RANK].safetensors`` + ``.json``) and
-Trainer's own ``trainer_state.json``, written last, so a folder with it is complete.
+A checkpoint folder ``checkpoint-N`` of :class:`moslora.hf.AdapterTrainer` holds the adapter in
+moslora's native format, the optimizer state (``optimizer.safetensors`` + ``optimizer.json``), the LR
+scheduler (``scheduler.json``), the gradient scaler when there is one (``scaler.json``), the random
+generators (``rng_state[_RANK].safetensors`` + ``.json``) and Trainer's own ``trainer_state.json``,
+written last, so a folder with it is complete.
+
+The optimizer state is keyed by parameter name, not position, and whole: it comes from
+``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict(full_state_dict=True)``, which
+gathers FSDP1/FSDP2 shards (every process takes part; process 0 writes) and is loaded back with
+``set_optimizer_state_dict``, each process keeping its own shard. So a checkpoint does not depend on
+how many processes wrote it. Only the adapter's parameters are in the optimizer, so this is small.
 """
 
 from __future__ import annotations
@@ -18,50 +25,63 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from moslora.io.atomic import atomic_write, atomic_write_json
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 SCHEDULER_JSON = "scheduler.json"
+SCALER_JSON = "scaler.json"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
-def save_optimizer(optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """``state_dict()`` of the optimizer: per-parameter tensors keyed ``<param index>.<name>``,
-    everything else (hyper-parameters, non-tensor state) as JSON."""
-    state = optimizer.state_dict()
+def save_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, *, write: bool) -> None:
+    """The whole optimizer state of ``model``'s trainable parameters, keyed ``<parameter name>.<state
+    name>`` (tensors) and in JSON (param groups, non-tensor state). A collective under FSDP: call it
+    on every process; those with ``write`` write."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not write:
+        return
     tensors, scalars = {}, {}
-    for index, per_param in state["state"].items():
-        for name, value in per_param.items():
+    for name, per_param in state["state"].items():
+        for key, value in per_param.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().to("cpu").contiguous()
+                tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous()
             else:
-                scalars[f"{index}.{name}"] = value
+                scalars[f"{name}.{key}"] = value
     atomic_write(folder / OPTIMIZER_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
     atomic_write_json(folder / OPTIMIZER_JSON, {"param_groups": state["param_groups"], "scalars": scalars})
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, device: torch.device | str = "cpu") -> None:
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Load what :func:`save_optimizer` wrote (on every process: each keeps its own shard)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     meta = json.loads((folder / OPTIMIZER_JSON).read_text(encoding="utf-8"))
-    state: dict[int, dict[str, Any]] = {}
-    for key, tensor in load_file(str(folder / OPTIMIZER_TENSORS), device=str(device)).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
+    state: dict[str, dict[str, Any]] = {}
+    # Read on CPU; loading moves each state to its parameter's device.
+    for key, tensor in load_file(str(folder / OPTIMIZER_TENSORS), device="cpu").items():
+        name, field = key.rsplit(".", 1)
+        state.setdefault(name, {})[field] = tensor
     for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        name, field = key.rsplit(".", 1)
+        state.setdefault(name, {})[field] = value
+    # Not strict: a parameter that never had a gradient (e.g. in a layer whose output is unused) has no state.
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": meta["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def save_scheduler(scheduler: Any, folder: Path) -> None:
-    # LambdaLR's state is numbers and lists (its lambdas are rebuilt by Trainer, not saved).
-    atomic_write_json(folder / SCHEDULER_JSON, scheduler.state_dict())
+def save_json_state(obj: Any, path: Path) -> None:
+    """``obj.state_dict()`` (an LR scheduler's or a gradient scaler's: numbers and lists) as JSON."""
+    atomic_write_json(path, obj.state_dict())
 
 
-def load_scheduler(scheduler: Any, folder: Path) -> None:
-    scheduler.load_state_dict(json.loads((folder / SCHEDULER_JSON).read_text(encoding="utf-8")))
+def load_json_state(obj: Any, path: Path) -> None:
+    obj.load_state_dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def _rng_stem(rank: int | None) -> str:
@@ -69,7 +89,7 @@ def _rng_stem(rank: int | None) -> str:
 
 
 def save_rng(folder: Path, rank: int | None) -> None:
-    """Python, NumPy, torch CPU and (when present) CUDA generator states."""
+    """Python, NumPy, torch CPU and (when present) CUDA generator states of this process."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, py_state, gauss = random.getstate()
     tensors = {"torch_cpu": torch.random.get_rng_state()}

@@ -1,0 +1,14 @@
+"""moslora in the transformers / TRL training stack.
+
+``AdapterTrainer`` is a drop-in ``transformers.Trainer`` for a model injected with
+:func:`moslora.inject`; ``adapter_trainer(trl.SFTTrainer)`` (or any other Trainer subclass) gives
+that subclass the same behaviour, and ``AdapterTrainerMixin`` is the piece both are made of. On one
+process, DDP, FSDP and DeepSpeed ZeRO-1/2/3 they save and resume the adapter only, whole, pickle-free
+where the engine allows, and stop at the first non-finite loss (:class:`NonFiniteLossError`).
+See :mod:`moslora.hf.trainer` and ``docs/distributed.md``.
+"""
+
+from moslora.hf.state import last_checkpoint
+from moslora.hf.trainer import AdapterTrainer, AdapterTrainerMixin, NonFiniteLossError, adapter_trainer
+
+__all__ = ["AdapterTrainer", "AdapterTrainerMixin", "NonFiniteLossError", "adapter_trainer", "last_checkpoint"]
