@@ -416,8 +416,7 @@ def reported_error(record) -> float:
 
 
 def test_merge_into_4bit_requantizes_and_reports_the_rounding_error():
-    import bitsandbytes as bnb
-
+    bnb = pytest.importorskip("bitsandbytes")
     model = adapted_quantized_mlp(4)
     exact_errors = []
     for i in (0, 2):
@@ -429,6 +428,7 @@ def test_merge_into_4bit_requantizes_and_reports_the_rounding_error():
     assert type(model[0].base_layer.weight).__name__ == "Params4bit", "the base stays 4-bit"
     assert reported_error(record) == pytest.approx(max(exact_errors), rel=1e-2)
     assert 0 < reported_error(record) < 0.1
+    assert record[0].filename == __file__, "the warning points at the line that called merge"
 
 
 def test_merge_after_an_eval_forward_of_a_4bit_model():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -95,8 +98,22 @@ def _warn_requantized(action: str, errors: dict[str, float | None]) -> None:
             f"{action} rewrote {len(errors)} quantized weight(s) (dequantize, add, requantize); rounding makes this "
             f"approximate: max abs error {errors[worst]:.3g} against the exact weights, at {worst!r}. "
             "merge_and_unload(model, dequantize=True) merges exactly into a full-precision model",
-            stacklevel=3,
+            stacklevel=_stacklevel_outside_moslora(),
         )
+
+
+_MOSLORA_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
+# torch.no_grad() as a decorator adds a frame of its own between a function and its caller.
+_NO_GRAD_WRAPPER = os.path.join("torch", "utils", "_contextlib.py")
+
+
+def _stacklevel_outside_moslora() -> int:
+    """The ``stacklevel`` that makes a warning point at the first caller outside moslora, whichever
+    public function (``merge``, ``merge_and_unload``, …) it came through."""
+    level, frame = 1, sys._getframe(1)  # level 1: the function that calls warnings.warn
+    while frame is not None and (frame.f_code.co_filename.startswith(_MOSLORA_DIR) or frame.f_code.co_filename.endswith(_NO_GRAD_WRAPPER)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextlib.contextmanager
