@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,15 @@ from moslora.io.atomic import atomic_write
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
-    """Training loss (and validation loss when logged) against optimizer step. ``None`` if nothing was logged."""
+    """Training loss (and validation loss when logged) against optimizer step. ``None`` if nothing was
+    logged, or if matplotlib is not installed: a missing plot never fails a finished run, it is
+    skipped with one line saying how to get it."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     val = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     if not train and not val:
+        return None
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f'{path.name} skipped: matplotlib is not installed (pip install "moslora[train]" draws it)')
         return None
     import matplotlib
 
