@@ -11,6 +11,15 @@ MIXERS = ("kaiming", "orthogonal", "identity", "two-subspace")
 A_INITS = ("kaiming", "gaussian")
 ADAPTER_DTYPES = ("float32", "base")
 ALL_LINEAR = "all-linear"
+# PEFT's TaskType values: the task_type an exported adapter records picks PEFT's model class.
+PEFT_TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# LoraConfig fields with the same meaning here, under moslora's name.
+_FROM_PEFT = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+              "exclude_modules": "exclude_modules", "use_rslora": "use_rslora", "modules_to_save": "modules_to_save"}
+# LoraConfig fields that describe where the adapter came from or how PEFT runs it, not the adapter:
+# fan_in_fan_out is found per layer (GPT-2's Conv1D), task_type from the model's class when saving.
+_PEFT_BOOKKEEPING = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                     "inference_mode", "fan_in_fan_out", "runtime_config", "megatron_core", "qalora_group_size"}
 
 
 @dataclass
@@ -92,6 +101,50 @@ class MoSLoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_peft(cls, peft_config: Any, *, mixer: str | None = "kaiming", **changes: Any) -> "MoSLoRAConfig":
+        """The same adapter as PEFT's ``LoraConfig`` (or its dict, e.g. a PEFT ``adapter_config.json``),
+        with a ``mixer`` (the paper's ``"kaiming"`` by default; ``None`` is plain LoRA).
+
+        ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, ``exclude_modules``,
+        ``use_rslora`` and ``modules_to_save`` carry over; ``init_lora_weights`` may be ``True``
+        (kaiming A, as PEFT) or ``"gaussian"``. A LoRA variant moslora does not implement (DoRA,
+        rank or alpha patterns, ``layers_to_transform``, a trained bias, PiSSA-style inits, …) is an
+        error naming the field, never silently dropped. ``changes`` override fields afterwards,
+        e.g. ``from_peft(lora_config, r=8)``.
+        """
+        if isinstance(peft_config, dict):
+            data = dict(peft_config)
+        elif dataclasses.is_dataclass(peft_config):
+            data = {f.name: getattr(peft_config, f.name) for f in dataclasses.fields(peft_config)}
+        else:
+            raise TypeError(f"from_peft takes a peft.LoraConfig or a dict of its fields, got {type(peft_config).__name__}")
+        if str(data.get("peft_type", "LORA")).rpartition(".")[2] != "LORA":
+            raise ValueError(f"from_peft reads LoRA configs; this one has peft_type={data['peft_type']!r}")
+        task_type = data.get("task_type")
+        if task_type is not None and str(task_type).rpartition(".")[2] not in PEFT_TASK_TYPES:
+            raise ValueError(f"task_type {task_type!r} is not one of PEFT's {PEFT_TASK_TYPES}")
+        fields = {ours: data[theirs] for theirs, ours in _FROM_PEFT.items() if data.get(theirs) is not None}
+        for name, value in fields.items():  # PEFT keeps module lists as sets (in any order in its JSON)
+            if isinstance(value, (set, frozenset, list, tuple)):
+                fields[name] = sorted(value)
+        if "target_modules" not in fields and "target_modules" not in changes:
+            raise ValueError("the LoraConfig has target_modules=None (PEFT then picks them by model type): name the "
+                             "layers, e.g. from_peft(config, target_modules=['q_proj', 'v_proj']), or 'all-linear'")
+        init = data.get("init_lora_weights", True)
+        if init not in (True, "gaussian"):
+            raise ValueError(f"init_lora_weights={init!r} is not available in moslora (True or 'gaussian' are)")
+        fields["init_A"] = "gaussian" if init == "gaussian" else "kaiming"
+        if data.get("bias", "none") != "none":
+            raise ValueError(f"bias={data['bias']!r}: moslora trains no biases; put the layers in modules_to_save instead")
+        handled = set(_FROM_PEFT) | _PEFT_BOOKKEEPING | {"init_lora_weights", "bias"}
+        # Everything else in LoraConfig switches on a variant when set (use_dora, rank_pattern, ...).
+        variants = sorted(k for k, v in data.items() if k not in handled and v not in (None, False, {}, [], ()))
+        if variants:
+            raise ValueError(f"the LoraConfig sets {', '.join(f'{k}={data[k]!r}' for k in variants)}, which moslora does "
+                             f"not implement; unset {'it' if len(variants) == 1 else 'them'}, or use PEFT for that variant")
+        return cls(**{**fields, "mixer": mixer, **changes})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MoSLoRAConfig":
