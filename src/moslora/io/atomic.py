@@ -1,11 +1,13 @@
 """Crash-safe writes: every file goes to a temporary name in the same folder, is flushed to disk,
-and is renamed into place, so a reader sees either the old complete file or the new complete one."""
+and is renamed into place, so a reader sees either the old complete file or the new complete one.
+A folder written by another library (``save_pretrained``) goes the same way as a whole."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,6 +47,39 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_new_directory(path: str | os.PathLike) -> Path:
+    """``path`` as a folder :func:`atomic_directory` may create: absent, or an empty folder."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{path} already exists and is not an empty folder; choose another or remove it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; when the block ends without error its files are
+    fsynced and it is renamed to ``path``, so ``path`` is either absent or complete. On error it is
+    removed. ``path`` must be absent or empty (:func:`check_new_directory`): a folder of files is
+    never replaced."""
+    path = check_new_directory(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as f:
+                    os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders; give it the mode mkdir would
+        if path.is_dir():
+            path.rmdir()
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _umask() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
+from moslora.config import PEFT_TASK_TYPES
 from moslora.io.diffusers_format import write_diffusers
 from moslora.io.groups import export_groups_peft, is_groups_dir
 from moslora.io.native import adapter_contents, read_adapter
@@ -31,6 +32,7 @@ def export_lora(
     *,
     prefix: str = "unet",
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
     allow_pickle: bool = False,
 ) -> Path:
     """Write ``src``'s adapter to ``out_dir`` as a plain LoRA adapter, exactly equal to it.
@@ -47,6 +49,8 @@ def export_lora(
         prefix: the diffusers pipeline component the adapter belongs to (``"unet"``,
             ``"transformer"``); only for ``format="diffusers"``.
         base_model_name_or_path: recorded in the PEFT config (default: what ``src`` records).
+        task_type: PEFT's task type to record, e.g. ``"CAUSAL_LM"`` (default: what ``src``
+            records, which a model's class gives); ``AutoPeftModelFor…`` needs it.
         allow_pickle: read the authors' pickled ``adapter_model.bin`` (with ``weights_only=True``).
 
     Returns the output directory.
@@ -57,10 +61,16 @@ def export_lora(
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if task_type is not None and task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"task_type must be one of PEFT's {PEFT_TASK_TYPES}, got {task_type!r}")
+    if task_type is not None and format != "peft":
+        raise ValueError("task_type is PEFT's; a diffusers LoRA file has no place for it")
     if _has_groups(src):
         # Adapter groups (e.g. LLaVA's language model and vision tower): one PEFT adapter for the whole model.
         if format != "peft":
             raise ValueError("adapter groups export to format='peft' only (one group alone: export its subfolder)")
+        if task_type is not None:
+            raise ValueError("adapter groups (e.g. LLaVA's) have no PEFT task type to set")
         return export_groups_peft(src, out_dir, base_model_name_or_path=base_model_name_or_path)
     base_weights = {}
     if isinstance(src, nn.Module):
@@ -72,6 +82,8 @@ def export_lora(
         description, tensors = read_adapter(src)
     if base_model_name_or_path is not None:
         description = description.replace(base_model_name_or_path=base_model_name_or_path)
+    if task_type is not None:
+        description = description.replace(task_type=task_type)
     if format == "peft":
         return export_peft(out_dir, description, tensors, base_weights)
     if base_weights:

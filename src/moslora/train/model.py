@@ -26,6 +26,7 @@ def load_model(name_or_path: str, *, precision: str = "auto", quantize: str | No
     passes gradients back, so every adapter below it silently stops learning. For training the
     repacking is switched off on every 4-bit layer before anything runs.
     """
+    check_source(name_or_path, quantize)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, extra = _source(name_or_path)
@@ -60,10 +61,25 @@ def keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-def _source(name_or_path: str) -> tuple[str, dict[str, Any]]:
-    path = Path(name_or_path)
+def check_source(name_or_path: str, quantize: str | None = None) -> None:
+    """Refuse, before anything is loaded, a model that cannot load as asked: a local file or folder
+    that does not exist, or a GGUF file with ``quantize`` (transformers dequantizes GGUF weights
+    as it loads them and cannot hand them to bitsandbytes)."""
+    path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {name_or_path!r} does not exist")
+        if quantize is not None:
+            raise ValueError(f"{quantize} quantization (--quantize {quantize}) cannot be used with a .gguf model: transformers dequantizes GGUF "
+                             "weights when it loads them and cannot quantize them again. Drop --quantize (the model "
+                             "loads in full precision), or quantize the original safetensors checkpoint instead")
+    elif not path.exists() and (path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1):
+        # Not a Hub id either (those are "name" or "org/name").
+        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist")
+
+
+def _source(name_or_path: str) -> tuple[str, dict[str, Any]]:
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
         return str(path.parent), {"gguf_file": path.name}
     return name_or_path, {}
