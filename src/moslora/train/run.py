@@ -26,6 +26,7 @@ from moslora.io.atomic import atomic_write_json
 from moslora.model.groups import inject_groups
 from moslora.model.sharded import sharding
 from moslora.train.model import resolve_dtype
+from moslora.train.progress import compact, on_terminal
 from moslora.train.recipe import RecipeBase
 from moslora.train.report import plot_loss_curve, summary
 
@@ -44,11 +45,21 @@ class TrainResult:
 
 
 class LossAndLRBar(ProgressCallback):
-    """Trainer's tqdm bar with the latest training loss and learning rate on it."""
+    """Trainer's tqdm bar with the latest training loss and learning rate on it, compact off a
+    terminal (:mod:`moslora.train.progress`)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        compact(self.training_bar)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if on_terminal():  # the evaluation sub-bar only on a terminal
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0.0):.2e}")
+            # refresh=False: the next step redraws it (and off a terminal each redraw would be kept).
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0.0):.2e}", refresh=False)
             return
         super().on_log(args, state, control, logs=logs, **kwargs)
 

@@ -15,7 +15,9 @@ from typing import Any, Iterable
 from transformers import DataCollatorForSeq2Seq, TrainerCallback, set_seed
 
 from moslora.hf import AdapterTrainer  # noqa: F401 - compare/runner.py imports it from here; it lives in moslora.hf
+from moslora.io.atomic import check_new_directory
 from moslora.train.data import build_datasets
+from moslora.train.merged import export_merged
 from moslora.train.model import load_model
 from moslora.train.recipe import Recipe, resolve_recipe
 from moslora.train.run import TrainResult, inject_recipe, output_and_resume, run_training, training_arguments
@@ -29,6 +31,7 @@ def train_causal_lm(
     recipe: Recipe | str | os.PathLike | None = None,
     resume: bool = False,
     callbacks: Iterable[TrainerCallback] = (),
+    merged_output: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``data`` with a MoSLoRA (or LoRA) adapter; write everything under ``output``.
@@ -36,10 +39,13 @@ def train_causal_lm(
     ``recipe`` is a :class:`Recipe` or a YAML path; ``overrides`` are recipe fields that win over
     it. With ``resume`` the run continues from the last complete checkpoint in ``output`` and
     ends with the same adapter an uninterrupted run would have. Returns where things went and the
-    final metrics; raises :class:`moslora.hf.NonFiniteLossError` if the loss stops being finite.
+    final metrics; raises :class:`moslora.hf.NonFiniteLossError` if the loss stops being finite. With
+    ``merged_output`` the base with the adapter merged in is saved there too (:func:`export_merged`).
     """
     recipe = resolve_recipe(recipe, Recipe, ("model", "data", "output"), model=model, data=data, output=output, **overrides)
     out, resume_from = output_and_resume(recipe, resume)
+    if merged_output is not None:
+        check_new_directory(merged_output)
 
     set_seed(recipe.seed)  # before inject: A and M are drawn from it
     base, tokenizer = load_model(recipe.model, precision=recipe.precision, quantize=recipe.quantize)
@@ -65,4 +71,6 @@ def train_causal_lm(
         data_metrics={"train_rows": len(datasets.train), "val_rows": len(datasets.val) if datasets.val is not None else 0,
                       "skipped_rows": len(datasets.skipped_rows), "dropped_no_response": datasets.dropped_no_response},
         title=f"{recipe.method} r={recipe.r} on {Path(recipe.data).name}",
+        after_save=None if merged_output is None else
+        lambda out: {"merged model": export_merged(out, merged_output, recipe.model, precision=recipe.precision)},
     )
