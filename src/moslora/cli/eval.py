@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from moslora.cli.extras import require
+from moslora.cli.inputs import check_inputs
 from moslora.eval.tasks import TASKS
 
 
@@ -27,10 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moslora.eval import evaluate_adapter
-
+    require("train", "transformers", "datasets")
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    check_inputs(args.model, args.quantize, data=args.data, adapter=args.adapter)
+    from moslora.eval import evaluate_adapter
+
     result = evaluate_adapter(
         args.model, args.data, args.dataset, adapter=args.adapter, output=args.output, quantize=args.quantize,
         precision=args.precision, scoring=args.scoring, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

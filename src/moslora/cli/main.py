@@ -7,6 +7,9 @@ import argparse
 import importlib
 import sys
 
+from moslora.cli import console
+from moslora.cli.extras import MissingDependency
+
 # One module per subcommand, in the order ``moslora --help`` lists them.
 SUBCOMMANDS = ("demo", "train", "eval", "export", "compare", "generate")
 
@@ -23,9 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    console.setup()  # before any third-party library is imported
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except MissingDependency as e:
+        print(f"moslora {args.command}: {e}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, FileNotFoundError) as e:
         # Bad input: one clear line, not a traceback. Bugs (other exceptions) keep their traceback.
         print(f"moslora {args.command}: error: {e}", file=sys.stderr)

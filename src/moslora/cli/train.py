@@ -12,6 +12,8 @@ import argparse
 import sys
 
 from moslora.cli import train_tasks
+from moslora.cli.extras import require
+from moslora.cli.inputs import check_inputs
 from moslora.config import MIXERS
 
 
@@ -48,6 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-on-inputs", action="store_true", default=None, help="also compute the loss on prompt tokens")
     p.add_argument("--skip-bad-rows", action="store_true", default=None, help="skip (and count) rows with missing fields")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --output")
+    p.add_argument("--merged-output", help="also write the base model with the adapter merged in (save_pretrained) to this "
+                   "new folder after training, for serving (causal-lm, llava)")  # fmt: skip
     train_tasks.add_arguments(p)  # --task and the flags of the vision tasks
     p.set_defaults(func=run)
 
@@ -63,12 +67,22 @@ _RECIPE_FLAGS = (
 def run(args: argparse.Namespace) -> int:
     if args.task != "causal-lm":
         return train_tasks.run_task(args)
+    require("train", "transformers", "accelerate", "datasets", "tqdm")
+    if args.config is not None:
+        require("train", "yaml", for_="--config")
+    from moslora.train.recipe import Recipe, resolve_recipe
+
+    # Everything that can be checked is, before a model loads: the recipe, the files, the extras.
+    overrides = {name: getattr(args, name) for name in _RECIPE_FLAGS}
+    recipe = resolve_recipe(args.config, Recipe, ("model", "data", "output"), model=args.model, data=args.data,
+                            output=args.output, **overrides)
+    check_inputs(recipe.model, recipe.quantize, data=recipe.data, merged_output=args.merged_output)
     from moslora.train import NonFiniteLossError, train_causal_lm
 
-    overrides = {name: getattr(args, name) for name in _RECIPE_FLAGS}
     try:
-        train_causal_lm(args.model, args.data, args.output, recipe=args.config, resume=args.resume, **overrides)
+        train_causal_lm(recipe=recipe, resume=args.resume, merged_output=args.merged_output)
     except NonFiniteLossError as e:
         print(f"moslora train: stopped: {e}", file=sys.stderr)
         return 1
     return 0
+

@@ -10,6 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
+
+from moslora.cli.extras import require
+from moslora.cli.inputs import check_inputs
 
 TASKS = ("causal-lm", "llava", "dreambooth")
 # What argparse puts in the namespace that is not a recipe field.
@@ -30,16 +34,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     llava.add_argument("--warmup-ratio", type=float, help="share of the steps with linear warmup (default 0.03)")
     llava.add_argument("--template", choices=("llava-v1", "chat"), help="conversation format: LLaVA-1.5's USER/ASSISTANT "
                        "(default) or the processor's own chat template")  # fmt: skip
-    llava.add_argument("--merged-output", help="also write the merged plain model (save_pretrained) here after training")
     dreambooth = p.add_argument_group("--task dreambooth")
     dreambooth.add_argument("--instance-prompt", help="the prompt naming the subject, e.g. 'a photo of sks dog'")
     dreambooth.add_argument("--resolution", type=int, help="training image size (default 1024)")
 
 
 def run_task(args: argparse.Namespace) -> int:
+    if args.task == "dreambooth":
+        require("diffusers", "diffusers", "transformers", "accelerate", "PIL")
+    else:
+        require("train", "transformers", "accelerate", "PIL", "tqdm")
+    if args.config is not None:
+        require("train", "yaml", for_="--config")
     from moslora.hf import NonFiniteLossError
     from moslora.train.dreambooth import DreamBoothRecipe, train_dreambooth
     from moslora.train.llava import LlavaRecipe, train_llava
+    from moslora.train.recipe import load_recipe
 
     recipe_cls = {"llava": LlavaRecipe, "dreambooth": DreamBoothRecipe}[args.task]
     fields = {f.name for f in dataclasses.fields(recipe_cls)}
@@ -47,8 +57,15 @@ def run_task(args: argparse.Namespace) -> int:
     unused = sorted(name for name in given if name not in fields)
     if unused:
         raise ValueError(f"--{unused[0].replace('_', '-')} does not apply to --task {args.task}")
-    if args.task == "dreambooth" and args.resume:
-        raise ValueError("--resume is not supported for --task dreambooth (its checkpoints hold the adapter only)")
+    recipe = load_recipe(args.config, cls=recipe_cls, **given)
+    if args.task == "dreambooth":
+        check_inputs(recipe.model, data_folder=recipe.data)
+        if args.resume:
+            raise ValueError("--resume is not supported for --task dreambooth (its checkpoints hold the adapter only)")
+    else:
+        check_inputs(recipe.model, recipe.quantize, data=recipe.data, merged_output=recipe.merged_output)
+        if recipe.image_folder is not None and not Path(recipe.image_folder).is_dir():
+            raise FileNotFoundError(f"--image-folder: folder {recipe.image_folder!r} does not exist")
     try:
         if args.task == "dreambooth":
             train_dreambooth(recipe=args.config, **given)
@@ -58,3 +75,4 @@ def run_task(args: argparse.Namespace) -> int:
         print(f"moslora train: stopped: {e}", file=sys.stderr)
         return 1
     return 0
+
