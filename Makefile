@@ -1,12 +1,13 @@
 # Two entry points for a fresh machine: `make demo` (the main job on its built-in default) and
-# `make test` (the whole suite). Both build .venv first if it is missing or stale.
+# `make test` (the whole suite, as CI runs it). Both build .venv first if it is missing or stale.
+# `make test-fast` is the development loop: every test not marked slow (under a minute on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 # torch goes in first, on its own, so nothing that depends on it pulls a different (CUDA) build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV)

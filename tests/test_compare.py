@@ -209,6 +209,7 @@ def test_same_seed_gives_same_head_and_A_across_methods(task_file):
     assert not torch.equal(other.classifier.weight, lora.classifier.weight)
 
 
+@pytest.mark.slow
 def test_a_run_is_reproducible_from_its_seed(task_file):
     encoded = EncodedTask(load_task(str(task_file)))
     spec = RunSpec("moslora", seed=3, lr=1e-2, split="validation")
@@ -246,6 +247,7 @@ def test_frozen_bottom_cache_gives_the_full_models_outputs(task_file):
 # End to end
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_writes_json_markdown_and_figure(task_file, tmp_path):
     from moslora.cli.main import main
 
@@ -278,6 +280,7 @@ def test_compare_end_to_end_writes_json_markdown_and_figure(task_file, tmp_path)
     assert summary["moslora"]["vs_baseline"]["mean_diff"] == pytest.approx(sum(values["moslora"]) / 2 - sum(values["lora"]) / 2)
 
 
+@pytest.mark.slow
 def test_a_cut_short_run_is_reported_on_its_finished_seeds(task_file, tmp_path):
     from moslora.cli.main import main
 
@@ -379,6 +382,7 @@ def test_instruction_task_file_names_the_bad_row(instruction_task_file, tmp_path
         load_task_yaml(root / "task.yaml")
 
 
+@pytest.mark.slow
 def test_instruction_runs_pair_A_and_score_like_evaluate(instruction_task_file):
     # Same seed: the same A in every layer whatever the method; a run is reproducible from its seed
     # and its accuracy is moslora.eval.evaluate's answers against the rows' gold answers.
@@ -410,6 +414,7 @@ def test_instruction_runs_pair_A_and_score_like_evaluate(instruction_task_file):
     assert got["value"] == expected["accuracy"] and got["answers"] == [e["extracted"] for e in expected["examples"]]
 
 
+@pytest.mark.slow
 def test_instruction_training_learns_the_answer_format(instruction_task_file):
     # The pipeline must actually teach: the untrained model gives no answer at all on the held-out
     # rows; 24 steps later every reply has one ("the correct answer is true|false") and the loss on
@@ -428,6 +433,7 @@ def test_instruction_training_learns_the_answer_format(instruction_task_file):
     assert run["curve"]["loss"][-1] < 0.1 * run["curve"]["loss"][0]
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_on_an_instruction_task(instruction_task_file, tmp_path):
     from moslora.cli.main import main
 
@@ -483,6 +489,7 @@ def test_an_instruction_task_whose_responses_are_all_cut_away_is_refused(instruc
         InstructionData(replace(load_task(str(instruction_task_file)), max_length=16))
 
 
+@pytest.mark.slow
 def test_quick_uses_the_middle_of_the_tasks_grid_and_two_seeds(task_file, tmp_path):
     from moslora.cli.main import main
 

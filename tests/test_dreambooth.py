@@ -122,6 +122,7 @@ def test_an_empty_or_broken_image_folder_is_named(tmp_path):
         instance_images(tmp_path)
 
 
+@pytest.mark.slow
 def test_training_changes_the_unet_adapter_and_writes_both_formats(trained):
     out = trained.output_dir
     assert trained.metrics["steps"] == 4 and [e["step"] for e in trained.metrics["log"]] == [2, 4]
@@ -135,6 +136,7 @@ def test_training_changes_the_unet_adapter_and_writes_both_formats(trained):
     assert json.loads((out / "metrics.json").read_text())["mixed_precision"] == "no"  # CPU: fp32
 
 
+@pytest.mark.slow
 def test_the_diffusers_export_reproduces_the_moslora_unet(trained):
     base = tiny_unet()
     moslora.load_adapter(base, trained.output_dir, trainable=False)
@@ -150,6 +152,7 @@ def test_the_diffusers_export_reproduces_the_moslora_unet(trained):
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_generate_through_load_lora_weights_equals_the_merged_pipeline(tiny, trained, tmp_path):
     kwargs = dict(steps=2, guidance_scale=2.0, seed=0, num_images=2, output_type="np")
     pipe = adapted_pipeline(str(tiny), trained.output_dir, mode="lora")
@@ -163,6 +166,7 @@ def test_generate_through_load_lora_weights_equals_the_merged_pipeline(tiny, tra
     assert [p.name for p in paths] == ["000.png", "001.png"]
 
 
+@pytest.mark.slow
 def test_cli_train_and_generate(tiny, tmp_path, capsys):
     from PIL import Image
 

@@ -48,6 +48,7 @@ def test_causal_lm_trains_merges_saves_and_loads(name, mixer, tmp_path):
     torch.testing.assert_close(merged(ids).logits, logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_unet_attention_targets_train_and_merge():
     base = tiny_unet()
     sample, t, context = unet_inputs()
@@ -64,6 +65,7 @@ def test_unet_attention_targets_train_and_merge():
         torch.testing.assert_close(model(sample, t, context).sample, out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_unet_convolutions_can_be_adapted_too():
     base = tiny_unet()
     sample, t, context = unet_inputs()
@@ -102,6 +104,7 @@ def test_torch_compile_fullgraph_has_no_graph_break(mixer):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_adapters_add_no_graph_breaks_to_a_transformers_model():
     base = tiny_llama()
     ids = torch.randint(0, 64, (1, 8))

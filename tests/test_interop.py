@@ -164,6 +164,7 @@ def unet_out(unet):
         return unet(sample, t, encoder_hidden_states=context).sample
 
 
+@pytest.mark.slow
 def test_diffusers_loads_the_export_and_gives_the_same_unet_output(tmp_path):
     pytest.importorskip("diffusers")
     base, model = trained(tiny_unet, UNET_TARGETS, alpha=6)
@@ -177,6 +178,7 @@ def test_diffusers_loads_the_export_and_gives_the_same_unet_output(tmp_path):
     torch.testing.assert_close(unet_out(unet), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_stable_diffusion_pipeline_loads_the_export_with_load_lora_weights(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from transformers import CLIPTextConfig, CLIPTextModel

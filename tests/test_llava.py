@@ -256,6 +256,7 @@ def run4(tiny, data, tmp_path_factory):
     return train_llava(str(tiny), path, images, tmp_path_factory.mktemp("llava-run") / "run", recipe=quick())
 
 
+@pytest.mark.slow
 def test_training_changes_both_groups_and_the_merged_export_is_the_adapted_model(tiny, data, run4, tmp_path):
     path, images = data
     result = run4
@@ -283,6 +284,7 @@ def test_training_changes_both_groups_and_the_merged_export_is_the_adapted_model
         torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny, data, run4, tmp_path):
     """Interrupted after step 3 (last checkpoint: 2), resumed: equal to 4 uninterrupted steps.
     Adapter dropout is on, so this also checks that the RNG state is restored."""
@@ -326,6 +328,7 @@ def test_cli_task_llava_runs_and_names_a_bad_row(tiny, data, tmp_path, capsys):
     assert "bad.json: row 2: missing field 'conversations'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_qlora_4bit_step_trains_the_adapters(tiny, data, tmp_path):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb

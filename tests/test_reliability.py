@@ -262,6 +262,7 @@ def random_layer(kind, n_in, n_out):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=KINDS, n_in=st.integers(1, 12), n_out=st.integers(1, 12), r=st.integers(1, 6), mixer=MIXER_KINDS,
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+@pytest.mark.slow
 def test_merge_unmerge_is_the_identity_and_save_load_too(tmp_path, kind, n_in, n_out, r, mixer, dtype, seed):
     if mixer == "two-subspace" and r % 2:
         r += 1

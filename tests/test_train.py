@@ -131,6 +131,7 @@ def _no_pickles(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.suffix in {".pt", ".pth", ".bin", ".pkl"}]
 
 
+@pytest.mark.slow
 def test_train_writes_adapter_only_outputs_and_learns(tiny, train_file, tmp_path):
     out = tmp_path / "run"
     result = train_causal_lm(str(tiny), train_file, out, max_steps=8, save_steps=4, **{**FAST, "val_set_size": 8}, eval_steps=4)
@@ -152,6 +153,7 @@ def test_train_writes_adapter_only_outputs_and_learns(tiny, train_file, tmp_path
     assert result.output_dir == out
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny, train_file, tmp_path):
     """Interrupted after step 4 (last checkpoint: 3), resumed: equal to 6 uninterrupted steps.
     Dropout is on, so this also checks that the RNG state is restored."""
@@ -272,6 +274,7 @@ def test_4bit_trainer_run_learns(tmp_path):
 
 
 # ----- interrupted runs (the engines on several processes: test_distributed.py) ------------------
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tiny, train_file, tmp_path):
     """A real kill (no Python cleanup runs) partway through, then `--resume`: the final adapter
     equals an uninterrupted run's."""
