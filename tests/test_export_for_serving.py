@@ -152,9 +152,9 @@ def smollm2_gguf() -> Path:
 @pytest.mark.slow
 def test_a_trained_smollm2_adapter_merged_from_its_gguf_base_reloads_to_the_adapted_outputs(tmp_path, capsys):
     gguf = smollm2_gguf()
-    data = write_jsonl(tmp_path / "train.jsonl", boolq_rows(8))
+    data = write_jsonl(tmp_path / "train.jsonl", boolq_rows(4))
     argv = ["train", "--model", str(gguf), "--data", str(data), "--output", str(tmp_path / "run"), "--merged-output",
-            str(tmp_path / "merged"), "--max-steps", "1", "--batch-size", "2", "--micro-batch-size", "2", "--val-set-size", "0",
+            str(tmp_path / "merged"), "--max-steps", "1", "--batch-size", "1", "--micro-batch-size", "1", "--val-set-size", "0",
             "--warmup-steps", "0", "--learning-rate", "1e-2", "--cutoff-len", "96", "--r", "4", "--target-modules", "q_proj",
             "v_proj", "down_proj", "--precision", "fp32"]  # fmt: skip
     assert main(argv) == 0

@@ -42,8 +42,8 @@ def require(extra: str, *modules: str, for_: str | None = None) -> None:
     absent = missing(*modules)
     if absent:
         names = ", ".join(_DISTRIBUTION.get(m, m) for m in absent)
-        raise MissingDependency(f"{for_ + ' needs' if for_ else 'needs'} {names}, which is not installed: "
-                                f'pip install "moslora[{extra}]"')
+        raise MissingDependency(f"{for_ + ' needs' if for_ else 'needs'} {names}, which {'is' if len(absent) == 1 else 'are'} "
+                                f'not installed: pip install "moslora[{extra}]"')
 
 
 def require_for_model(model: str | None, quantize: str | None = None) -> None:
