@@ -226,6 +226,13 @@ def test_each_noise_filter_drops_its_message_and_nothing_else(noise):
 
 
 @pytest.mark.slow
+def test_a_script_that_imports_moslora_first_gets_no_import_noise_from_the_hf_stack():
+    code = "import moslora, transformers, peft\nfrom transformers import AutoModelForCausalLM, Trainer\nprint('ok')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (run.stdout, run.stderr) == ("ok\n", "")
+
+
+@pytest.mark.slow
 def test_a_piped_training_run_prints_no_third_party_noise_and_a_compact_bar(tiny, train_file, tmp_path):
     # A real process, as a user starts it: the filters must be in place before the libraries load.
     argv = ["train", "--model", str(tiny), "--data", str(train_file), "--output", str(tmp_path / "run"), "--max-steps", "8",

@@ -6,6 +6,7 @@ After training, M folds into A (A' = M·A), so a MoSLoRA adapter exports to an e
 LoRA adapter and costs nothing extra at inference.
 """
 
+from moslora.cli import console as _console
 from moslora.config import MoSLoRAConfig
 from moslora.core.layers import (
     MoSLoRAConv,
@@ -31,6 +32,10 @@ from moslora.model.ops import (
     unmerge,
 )
 from moslora.version import __version__
+
+# What transformers and peft import (torchao, bitsandbytes, ...) logs lines no moslora user needs;
+# drop exactly those, before the user's own script imports them (see moslora.cli.console).
+_console.filter_noise()
 
 __all__ = [
     "AdapterDescription",

@@ -1,7 +1,9 @@
 """What reaches the user's console: third-party noise filtered out, short progress bars off a terminal.
 
-The command line calls :func:`setup` once, first thing, before transformers, peft, datasets or
-bitsandbytes are imported (a script can call it too; ``examples/`` do).
+``import moslora`` installs the noise filters (:func:`filter_noise`), so a script that imports
+moslora before transformers or peft gets them too. The command line calls :func:`setup` once,
+first thing, which also switches the libraries' short progress bars off a terminal (a script can
+call it too; ``examples/`` do).
 
 **Noise.** transformers imports torchao, DeepSpeed and peft whenever they are installed, and peft
 imports bitsandbytes, whether or not the run uses them; each then logs something at import. None
@@ -59,21 +61,26 @@ class _DropMatching(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-_installed = False
+_filtering = False
+
+
+def filter_noise() -> None:
+    """Install the filters of :data:`NOISE`, once. Before the libraries are imported is best (their
+    messages come at import), but any time works: a logger's filters outlive its creation."""
+    global _filtering
+    if _filtering:
+        return
+    _filtering = True
+    for noise in NOISE:
+        # getLogger creates the logger now if the library has not yet; the library then finds it
+        # with the filter on. A filter on a logger applies to the records that logger emits.
+        logging.getLogger(noise.logger).addFilter(_DropMatching(noise.pattern))
 
 
 def setup() -> None:
-    """Install the noise filters and, when stderr is not a terminal, switch the libraries' short
-    progress bars off. Call it before they are imported (they read those variables at import);
-    calling it again does nothing."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
-    for noise in NOISE:
-        # A filter on a logger applies to the records that logger emits; getLogger creates it now
-        # if the library has not yet, and the library then finds it with the filter on.
-        logging.getLogger(noise.logger).addFilter(_DropMatching(noise.pattern))
+    """The command line's console: :func:`filter_noise`, and when stderr is not a terminal, the
+    libraries' short progress bars off (they read these variables when they are imported)."""
+    filter_noise()
     if not sys.stderr.isatty():
         for name, value in _SHORT_BARS_OFF.items():
             os.environ.setdefault(name, value)
