@@ -14,6 +14,7 @@ warnings are not touched. Why each filter exists is written next to it in :data:
 **Progress bars.** Off a terminal (output piped to a file), the libraries' short bars (loading
 weights, preprocessing a dataset) are switched off through their own environment variables (a
 value the user set wins); moslora's bars of long work stay, compact (:mod:`moslora.train.progress`).
+One short bar has no switch and stays: transformers' "Converting and de-quantizing GGUF tensors".
 """
 
 from __future__ import annotations
