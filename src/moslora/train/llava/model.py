@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from moslora.io.atomic import atomic_directory, check_new_directory
 from moslora.io.load import load_adapter_groups
 from moslora.model.ops import merge_and_unload
 from moslora.train.model import keep_4bit_trainable_on_cpu, resolve_dtype
@@ -48,16 +49,18 @@ def load_llava(name_or_path: str, *, precision: str = "auto", quantize: str | No
 
 def export_merged_llava(base: str, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, precision: str = "auto") -> Path:
     """A plain ``LlavaForConditionalGeneration`` with the adapter merged in, and its processor,
-    saved with ``save_pretrained`` for tools that know no adapters.
+    saved with ``save_pretrained`` for tools that know no adapters, into ``out_dir`` (a new folder,
+    written whole or not at all).
 
     The base is loaded in full precision (``precision``) even when training used a 4-bit base:
     merging into the 4-bit weights would round ΔW away, so QLoRA adapters are merged, as usual,
     into the unquantized model.
     """
+    check_new_directory(out_dir)
     model, processor = load_llava(base, precision=precision, for_training=False)
     load_adapter_groups(model, adapter_dir, trainable=False)
     merged = merge_and_unload(model, safe=True)
-    out_dir = Path(out_dir)
-    merged.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    with atomic_directory(out_dir) as tmp:  # the folder is complete or absent, never half-written
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)

@@ -9,6 +9,8 @@ from typing import Any, Iterable
 
 from transformers import set_seed
 
+from moslora.io.atomic import check_new_directory
+
 from moslora.train.llava.data import ConversationCollator, ConversationDataset, read_conversations
 from moslora.train.llava.model import export_merged_llava, load_llava
 from moslora.train.llava.recipe import LlavaRecipe
@@ -36,6 +38,8 @@ def train_llava(
     recipe = resolve_recipe(recipe, LlavaRecipe, ("model", "data", "image_folder", "output"),
                             model=model, data=data, image_folder=image_folder, output=output, **overrides)
     out, resume_from = output_and_resume(recipe, resume)
+    if recipe.merged_output is not None:
+        check_new_directory(recipe.merged_output)  # before hours of training, not after
 
     set_seed(recipe.seed)  # before inject: A and M are drawn from it
     base, processor = load_llava(recipe.model, precision=recipe.precision, quantize=recipe.quantize)
