@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
+from pathlib import Path
 
-from moslora.compare.runner import METHODS
+from moslora.compare.methods import METHODS
 
 DEFAULT_METHODS = "lora,moslora,moslora-frozen,moslora-orthogonal"
 QUICK_SEEDS = 2
@@ -37,7 +38,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, or a task .yaml file (default: %(default)s)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {list(METHODS)} (default: all)")
     p.add_argument("--seeds", type=int, default=None, help="number of paired test seeds (default: 5; 2 with --quick)")
-    p.add_argument("--r", type=int, default=8, help="adapter rank (default: %(default)s); alpha is the task's alpha_over_r · r")
+    p.add_argument(
+        "--r",
+        default="8",
+        help="adapter rank, or several comma-separated (e.g. 4,16,64: a full comparison per rank in DIR/r<rank>/, "
+        "then a Δ-vs-rank table and figure in DIR); alpha is the task's alpha_over_r · r (default: %(default)s)",
+    )
     p.add_argument(
         "--lrs",
         default=None,
@@ -80,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; known: {list(METHODS)}")
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 5)
+    ranks = _list(args.r, int, "--r")
+    if any(r <= 0 for r in ranks) or len(set(ranks)) != len(ranks):
+        raise ValueError(f"--r must be distinct positive ranks, got {args.r!r}")
     task = load_task(args.task)
     if args.lrs:
         lrs = _list(args.lrs, float, "--lrs")
@@ -90,29 +99,43 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         task = task.quick()
     command = " ".join(
-        ["moslora", "compare", "--task", shlex.quote(args.task), "--methods", ",".join(methods), "--seeds", str(seeds), "--r", str(args.r)]
+        ["moslora", "compare", "--task", shlex.quote(args.task), "--methods", ",".join(methods), "--seeds", str(seeds)]
+        + ["--r", ",".join(map(str, ranks))]
         + ["--lrs", ",".join(f"{lr:g}" for lr in lrs), "--validation-seeds", str(args.validation_seeds)]
         + (["--steps", str(args.steps)] if args.steps is not None else [])
         + (["--quick"] if args.quick else [])
         + ["--output", shlex.quote(args.output)]
     )
 
-    start = time.perf_counter()
-    results = run_comparison(
-        task,
-        methods=methods,
-        seeds=seeds,
-        r=args.r,
-        lrs=lrs,
-        validation_seeds=args.validation_seeds,
-        on_run=lambda partial: report.save(partial, args.output, command, final=False),
-        progress=not args.no_progress,
-    )
-    results["wall_seconds"] = time.perf_counter() - start
-    paths = report.save(results, args.output, command)
-    print()
-    print(report.text_table(results))
-    print(f"\n{len(results['runs'])} runs in {results['wall_seconds'] / 60:.1f} min; wrote " + ", ".join(str(p) for p in paths.values()))
+    prepared = task.prepare()  # tokenized data and caches, shared by every rank
+    sweep = []
+    for r in ranks:
+        rank_start = time.perf_counter()
+        output = Path(args.output) / f"r{r}" if len(ranks) > 1 else Path(args.output)
+        results = run_comparison(
+            task,
+            methods=methods,
+            seeds=seeds,
+            r=r,
+            lrs=lrs,
+            validation_seeds=args.validation_seeds,
+            on_run=lambda partial, output=output: report.save(partial, output, command, final=False),
+            progress=not args.no_progress,
+            prepared=prepared,
+        )
+        results["wall_seconds"] = time.perf_counter() - rank_start
+        paths = report.save(results, output, command)
+        print()
+        print(report.text_table(results))
+        print(f"\n{len(results['runs'])} runs in {results['wall_seconds'] / 60:.1f} min; wrote " + ", ".join(str(p) for p in paths.values()))
+        sweep.append(results)
+    if len(ranks) > 1:
+        from moslora.compare import ranks as rank_report
+
+        paths = rank_report.save_sweep(sweep, args.output, command)
+        print()
+        print(rank_report.sweep_text(sweep))
+        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

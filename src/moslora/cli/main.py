@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # One module per subcommand, in the order ``moslora --help`` lists them.
-SUBCOMMANDS = ("demo", "train", "eval", "export", "compare", "generate")
+SUBCOMMANDS = ("demo", "train", "eval", "export", "compare", "generate", "data")
 
 
 def build_parser() -> argparse.ArgumentParser:
