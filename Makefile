@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test install data clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,15 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 install: $(BIN)/.installed
 
+# The BIG-bench task files of the built-in siqa and cifar10 tasks: fetched once from PyPI (the
+# bigbench 1.0.0 sdist), checked by SHA-256, cached in ~/.cache/moslora (or $MOSLORA_DATA_DIR).
+data: $(BIN)/.installed
+	$(BIN)/moslora data fetch
+
 demo: $(BIN)/.installed
 	$(BIN)/moslora compare --quick --output runs/compare-quick
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed data
 	$(BIN)/python -m pytest -q
 
 clean:

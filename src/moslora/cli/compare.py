@@ -1,18 +1,21 @@
 """``moslora compare``: does the mixer help on this task? LoRA vs MoSLoRA vs its baselines, paired
-over seeds, each method at its own best learning rate, with confidence intervals.
+over seeds, each method at its own best learning rate, with confidence intervals and the minimum
+detectable effect, and a one-sentence summary of what the numbers do and do not show.
 
 Methods: ``lora`` (no mixer), ``moslora`` (kaiming mixer, trained: the paper's method),
 ``moslora-frozen`` (kaiming mixer, not trained: separates "learning the mixer" from "a different
 start"), ``moslora-orthogonal`` (orthogonal mixer, trained).
 
-Built-in tasks (offline):
-  tweets          3-class tweet sentiment, MiniLM-L6 + classifier (the default; full: 32 runs, about
-                  6 minutes on two free CPU cores; --quick: 8 runs, under a minute)
-  smollm2-tweets  the same tweets in the paper's LLM pipeline: SmolLM2-135M-Instruct
-                  instruction-tuned in the LLM-Adapters format, answers read by the paper's
-                  extraction (about 6 minutes a run on two CPU cores)
-Point ``--task`` at a YAML file to compare on your own model and data (either kind; see
-``moslora.compare.tasks.load_task_yaml``).
+Built-in tasks (offline; siqa and cifar10 read the BIG-bench files `moslora data fetch` caches once):
+  tweets          3-class tweet sentiment, MiniLM-L6 + classifier (the default)
+  smollm2-tweets  the same tweets asked of SmolLM2-135M-Instruct in the paper's label format
+  siqa            the paper's SIQA on SmolLM2-135M-Instruct, options as text, scored by
+                  length-normalised log-likelihood (the variant that learns at a CPU budget)
+  siqa-labels     the same in the paper's label format (answer1/2/3, greedy answers)
+  cifar10         CIFAR-10 on EfficientNet-Lite0 (ImageNet), adapters on its 1x1 convolutions
+Point ``--task`` at a YAML file to compare on your own model and data (see
+``moslora.compare.task_file.load_task_yaml``). ``--r 4,16,64`` runs one comparison per rank and
+adds a table and figure of the difference against the rank.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, or a task .yaml file (default: %(default)s)")
+    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, siqa, siqa-labels, cifar10, or a task .yaml file (default: %(default)s)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {list(METHODS)} (default: all)")
     p.add_argument("--seeds", type=int, default=None, help="number of paired test seeds (default: 5; 2 with --quick)")
     p.add_argument(
@@ -47,12 +50,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lrs",
         default=None,
-        help="comma-separated learning-rate grid; each method gets its best on validation (default: the task's grid, "
-        "1e-3,3e-3,1e-2 for tweets, 3e-4,1e-3,3e-3 for smollm2-tweets; with --quick only the grid's middle, no search)",
+        help="comma-separated learning-rate grid; each method gets its best on validation (default: the task's grid; "
+        "with --quick the task's quick rate, no search)",
     )
     p.add_argument("--validation-seeds", type=int, default=1, help="seeds per learning rate in the search (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run instead of the task's own (warm-up scales along)")
-    p.add_argument("--quick", action="store_true", help="a third of the steps, smaller eval splits, 2 seeds, no LR search")
+    p.add_argument("--quick", action="store_true", help="the task's quick budget (fewer steps, smaller splits), 2 seeds, no LR search")
     p.add_argument("--output", default="compare-results", help="folder for results.json, results.md, results.png (default: %(default)s)")
     p.add_argument(
         "--report-from",

@@ -3,8 +3,8 @@
 EfficientNet-Lite0 with ImageNet weights (:mod:`moslora.compare.image`).
 
 The split is made once and is class-balanced and disjoint: ``random.Random(c)`` shuffles the
-images of class c; the first 600 / 100 / 300 of each class are train / validation / test (6,000 /
-1,000 / 3,000 images), each split's classes interleaved so that any prefix of it stays balanced.
+images of class c; the first 500 / 100 / 300 of each class are train / validation / test (5,000 /
+1,000 / 3,000 images; the other 1,000 are not used), each split's classes interleaved so that any prefix of it stays balanced.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from moslora.compare.image import ImageSplit, ImageTask, weights_file
 
 CIFAR10_FILE = "cifar10_classification/base64/task.json"
 CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-CIFAR10_PER_CLASS = {"train": 600, "validation": 100, "test": 300}
+CIFAR10_PER_CLASS = {"train": 500, "validation": 100, "test": 300}
 
 
 def decode_png(text: str) -> torch.Tensor:

@@ -170,7 +170,9 @@ class ImageData:
         out = []
         with torch.no_grad():
             for start in range(0, len(split), batch):
-                features = bottom(preprocess(split.images[start : start + batch], self.task.image_size))
+                # channels-last is the faster memory layout for convolutions on CPU; the values are the same.
+                x = preprocess(split.images[start : start + batch], self.task.image_size).contiguous(memory_format=torch.channels_last)
+                features = bottom(x).contiguous()
                 out += [{"features": f.clone(), "labels": label} for f, label in zip(features, split.labels[start : start + batch])]
         return out
 

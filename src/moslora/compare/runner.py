@@ -124,6 +124,7 @@ def _training_arguments(task: Any, spec: RunSpec, output_dir: str) -> Any:
         report_to="none",
         disable_tqdm=True,
         seed=spec.seed,
+        bf16=getattr(task, "precision", "fp32") == "bf16",  # autocast; weights and adapters stay fp32
         # The examples are already in the seed's order (data_order); the sampler must keep it.
         train_sampling_strategy="sequential",
         dataloader_num_workers=0,

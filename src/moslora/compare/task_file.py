@@ -33,7 +33,7 @@ _COMMON = {
 }
 _OPTIONAL = {
     "classification": {**_COMMON, "text_column": str, "label_column": str, "frozen_layers": int},
-    "instruction": {**_COMMON, "scoring": str, "max_new_tokens": int, "eval_batch_size": int, "frozen_layers": int},
+    "instruction": {**_COMMON, "scoring": str, "max_new_tokens": int, "eval_batch_size": int, "frozen_layers": int, "precision": str},
 }
 _POSITIVE = ("steps", "batch_size", "max_length", "log_every", "max_new_tokens", "eval_batch_size")
 _FILE_ONLY = ("kind", "name", "text_column", "label_column")  # read here, not passed on to the task
