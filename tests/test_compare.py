@@ -498,3 +498,22 @@ def test_quick_uses_the_middle_of_the_tasks_grid_and_two_seeds(task_file, tmp_pa
     assert results["settings"]["lrs"] == [3e-3] and results["settings"]["validation_seeds"] == []
     assert results["settings"]["seeds"] == [0, 1] and results["task"]["steps"] == 1
     assert results["command"].endswith("--lrs 0.003 --validation-seeds 1 --quick --output " + str(out))
+
+
+def test_per_method_learning_rates_skip_the_search(task_file, tmp_path):
+    from moslora.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["compare", "--task", str(task_file), "--methods", "lora,moslora", "--seeds", "1", "--r", "4",
+                 "--lrs", "moslora=1e-2,lora=3e-3", "--output", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["picked_lr"] == {"lora": 3e-3, "moslora": 1e-2} == results["settings"]["lrs"]
+    assert {(r["method"], r["lr"], r["split"]) for r in results["runs"]} == {("lora", 3e-3, "test"), ("moslora", 1e-2, "test")}
+    assert "--lrs lora=0.003,moslora=0.01" in results["command"]
+    assert "Learning rate per method given (lora 0.003, moslora 0.01)" in (out / "results.md").read_text()
+
+def test_per_method_learning_rates_must_name_every_method(task_file, tmp_path, capsys):
+    from moslora.cli.main import main
+
+    assert main(["compare", "--task", str(task_file), "--methods", "lora,moslora", "--lrs", "lora=3e-3", "--output", str(tmp_path)]) == 2
+    assert "--lrs: give one rate for each method ['lora', 'moslora'], got ['lora']" in capsys.readouterr().err

@@ -49,9 +49,8 @@ def test_a_question_in_the_label_format_and_as_choice_text():
         "output": "the correct answer is answer2",
         "answer": "answer2",
     }
-    assert choice_row(q) == {
-        "instruction": "Please choose the correct answer to the question: Sasha made new laws. What will patients want to do next?\n\n"
-        "Answer1: Write new laws Answer2: Get petitions signed Answer3: Live longer\n\nAnswer with the text of the correct answer.",
+    assert choice_row(q) == {  # the options are not in the prompt: the row carries them for scoring
+        "instruction": "Please answer the question: Sasha made new laws. What will patients want to do next?",
         "input": "",
         "output": "Get petitions signed",
         "answer": "Get petitions signed",
@@ -194,7 +193,8 @@ def test_builtin_siqa_tasks_ask_the_fixed_split():
     assert task.scoring == "choice" and labels.scoring == "generate" and task.frozen_layers == 22
     assert task.model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(task.model).is_file()
     for choice, label in zip(task.test, labels.test):
-        assert choice["instruction"].split("\n\n")[:2] == label["instruction"].split("\n\n")[:2]
+        question = choice["instruction"].removeprefix("Please answer the question: ")
+        assert label["instruction"].startswith(f"Please choose the correct answer to the question: {question}\n\nAnswer1: ")
         assert label["answer"] == f"answer{choice['options'].index(choice['answer']) + 1}"
     assert sum(len(r["options"]) == 2 for r in task.train + task.validation + task.test) == 4
     assert task.chance() == pytest.approx(sum(1 / len(r["options"]) for r in task.test) / 450)

@@ -51,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--lrs",
         default=None,
         help="comma-separated learning-rate grid; each method gets its best on validation (default: the task's grid; "
-        "with --quick the task's quick rate, no search)",
+        "with --quick the task's quick rate, no search); or one rate per method, e.g. lora=3e-3,moslora=1e-2 "
+        "(no search: rates picked by an earlier run)",
     )
     p.add_argument("--validation-seeds", type=int, default=1, help="seeds per learning rate in the search (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run instead of the task's own (warm-up scales along)")
@@ -76,6 +77,20 @@ def _list(text: str, convert, what: str) -> list:
     return items
 
 
+def _per_method(text: str, methods: list[str]) -> dict[str, float]:
+    """``lora=3e-3,moslora=1e-2`` → {method: rate}, one for each of ``methods``."""
+    rates = {}
+    for item in _list(text, str, "--lrs"):
+        method, _, rate = item.partition("=")
+        try:
+            rates[method.strip()] = float(rate)
+        except ValueError:
+            raise ValueError(f"--lrs: {item!r} is not method=rate") from None
+    if set(rates) != set(methods):
+        raise ValueError(f"--lrs: give one rate for each method {methods}, got {sorted(rates)}")
+    return {method: rates[method] for method in methods}
+
+
 def run(args: argparse.Namespace) -> int:
     from moslora.compare import report
 
@@ -93,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if any(r <= 0 for r in ranks) or len(set(ranks)) != len(ranks):
         raise ValueError(f"--r must be distinct positive ranks, got {args.r!r}")
     task = load_task(args.task)
-    if args.lrs:
+    if args.lrs and "=" in args.lrs:
+        lrs = _per_method(args.lrs, methods)
+    elif args.lrs:
         lrs = _list(args.lrs, float, "--lrs")
     else:
         lrs = [task.quick_lr] if args.quick else list(task.lrs)
@@ -104,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     command = " ".join(
         ["moslora", "compare", "--task", shlex.quote(args.task), "--methods", ",".join(methods), "--seeds", str(seeds)]
         + ["--r", ",".join(map(str, ranks))]
-        + ["--lrs", ",".join(f"{lr:g}" for lr in lrs), "--validation-seeds", str(args.validation_seeds)]
+        + ["--lrs", ",".join(f"{m}={lr:g}" for m, lr in lrs.items()) if isinstance(lrs, dict) else ",".join(f"{lr:g}" for lr in lrs)]
+        + ["--validation-seeds", str(args.validation_seeds)]
         + (["--steps", str(args.steps)] if args.steps is not None else [])
         + (["--quick"] if args.quick else [])
         + ["--output", shlex.quote(args.output)]

@@ -84,6 +84,11 @@ def cifar10_task() -> ImageTask:
     The stem and blocks 0–10 are frozen and computed once per image; adapters go on the 1×1
     expand and project convolutions of blocks 11–15 and on the 1×1 head convolution (11
     convolutions; the depthwise ones are not adapted), and a new 10-way classifier trains fully.
+
+    Budget: 60 AdamW steps of 32 images (1,920 of the 5,000 training images per run, in the seed's
+    order), 6 warm-up steps. A LoRA probe on validation (100 steps, 3,200 images) reached 81% at lr
+    3e-3 and 78% at 1e-2, and 75% after 20 steps (chance 10%). On the two shared CPU cores of the
+    development machine the bottom took about 40 ms an image and a step 4 s under a load of 6.
     """
     images, labels = read_examples(task_file(CIFAR10_FILE))
     splits = balanced_splits(labels, CIFAR10_PER_CLASS)
@@ -95,14 +100,14 @@ def cifar10_task() -> ImageTask:
         train=split["train"],
         validation=split["validation"],
         test=split["test"],
-        steps=150,
+        steps=60,
         batch_size=32,
         image_size=112,
-        warmup_steps=10,
-        log_every=10,
+        warmup_steps=6,
+        log_every=6,
         frozen_blocks=11,
         lrs=(1e-3, 3e-3, 1e-2),
-        quick_steps=50,
+        quick_steps=30,
         quick_sizes=(500, 1000),
         quick_learning_rate=3e-3,
         description="CIFAR-10 (BIG-bench cifar10_classification), EfficientNet-Lite0 (ImageNet) + classifier, 112 px",

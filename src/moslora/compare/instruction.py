@@ -20,13 +20,13 @@ training row and every run trains only the layers above on it (the whole model s
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
+from moslora.compare.causal_cache import TopOfCausalLM, bottom_states, decoder_layers, layer_index, shared_prompt_states
 from moslora.compare.methods import method_config
 from moslora.compare.task import Budget
 from moslora.model.inject import adapter_layers, inject
@@ -187,7 +187,7 @@ class InstructionData:
         model = inject(copy.deepcopy(self.base), method_config(self.task, method, r))
         model.config.use_cache = False  # training only; generation turns its cache on itself
         if self.task.frozen_layers:
-            frozen = {name for name, _ in adapter_layers(model) if _layer_index(name) is not None and _layer_index(name) < self.task.frozen_layers}
+            frozen = {name for name, _ in adapter_layers(model) if layer_index(name) is not None and layer_index(name) < self.task.frozen_layers}
             if frozen:
                 raise ValueError(f"task {self.task.name}: target_modules adapt {sorted(frozen)[0]} (and {len(frozen) - 1} more) "
                                  f"below frozen_layers={self.task.frozen_layers}, whose output is cached")
@@ -234,168 +234,3 @@ def _quietly(load: Callable[[], Any]) -> Any:
     except BaseException:
         sys.stderr.write(captured.getvalue())
         raise
-
-
-def decoder_layers(model: torch.nn.Module, frozen: int) -> torch.nn.ModuleList:
-    """The decoder's layer stack (``model.model.layers``, as Llama, Mistral and Qwen2 have it),
-    checked to leave layers above ``frozen``."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"frozen_layers needs a decoder with model.layers (Llama-style); {type(model).__name__} has none")
-    if frozen >= len(layers):
-        raise ValueError(f"frozen_layers={frozen} leaves no layer to adapt: the model has {len(layers)}")
-    return layers
-
-
-def _layer_index(name: str) -> int | None:
-    found = re.match(r"model\.layers\.(\d+)\.", name)
-    return int(found.group(1)) if found else None
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the frozen bottom's output is captured."""
-
-
-@torch.no_grad()
-def bottom_states(model: torch.nn.Module, frozen: int, rows: list[dict[str, Any]], batch: int = 16) -> list[dict[str, Any]]:
-    """Each row's hidden states entering decoder layer ``frozen`` (its length × hidden, fp32),
-    with its labels, in the order of ``rows``. Rows of similar length are run together,
-    right-padded: with causal attention a token's state never depends on the padding after it."""
-    captured: list[torch.Tensor] = []
-
-    def capture(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
-        raise _Stop
-
-    layers = decoder_layers(model, frozen)
-    handle = layers[frozen].register_forward_pre_hook(capture, with_kwargs=True)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: list[dict[str, Any] | None] = [None] * len(rows)
-    by_length = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    try:
-        for start in range(0, len(rows), batch):
-            chunk = by_length[start : start + batch]
-            length = max(len(rows[i]["input_ids"]) for i in chunk)
-            ids = torch.tensor([rows[i]["input_ids"] + [0] * (length - len(rows[i]["input_ids"])) for i in chunk])
-            mask = torch.tensor([[1] * len(rows[i]["input_ids"]) + [0] * (length - len(rows[i]["input_ids"])) for i in chunk])
-            try:
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            except _Stop:
-                pass
-            hidden = captured.pop()
-            for i, h in zip(chunk, hidden):
-                out[i] = {"inputs_embeds": h[: len(rows[i]["input_ids"])].float().cpu().clone(), "labels": list(rows[i]["labels"])}
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def shared_prompt_states(model: torch.nn.Module, frozen: int, sequences: list[tuple[list[int], int]]) -> list[torch.Tensor]:
-    """The states entering decoder layer ``frozen`` for sequences that share a prompt: each is
-    ``(ids, start)`` with ``ids[:start]`` the prompt and the rest its continuation (an option). The
-    prompt runs once, filling the bottom layers' key/value cache; the continuations then run
-    together from that cache, right-padded. Positions and causal attention are those of each whole
-    sequence, so the states are the ones :func:`bottom_states` gives for the whole sequences (up to
-    round-off), at a fraction of the cost. Sequences whose prompts differ (a token merged across the
-    boundary) run whole."""
-    from transformers import DynamicCache
-
-    prompts = {tuple(ids[:start]) for ids, start in sequences}
-    if len(prompts) != 1:
-        return [state["inputs_embeds"] for state in bottom_states(model, frozen, [{"input_ids": ids, "labels": []} for ids, _ in sequences])]
-    captured: list[torch.Tensor] = []
-
-    def capture(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
-        raise _Stop
-
-    layers = decoder_layers(model, frozen)
-    handle = layers[frozen].register_forward_pre_hook(capture, with_kwargs=True)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        prompt = torch.tensor([list(next(iter(prompts)))], device=device)
-        cache = DynamicCache(config=model.config)
-        try:
-            model(input_ids=prompt, cache=cache, use_cache=True)
-        except _Stop:
-            pass
-        head = captured.pop()[0]
-        n, length, width = len(sequences), max(len(ids) - start for ids, start in sequences), prompt.shape[1]
-        ids = torch.tensor([ids[start:] + [0] * (length - len(ids) + start) for ids, start in sequences], device=device)
-        mask = torch.tensor([[1] * (width + len(i) - s) + [0] * (length - len(i) + s) for i, s in sequences], device=device)
-        cache.batch_repeat_interleave(n)
-        positions = torch.arange(width, width + length, device=device)[None].expand(n, length)
-        try:
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        except _Stop:
-            pass
-        tails = captured.pop()
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return [torch.cat([head, tail[: len(i) - s]]).float().cpu() for tail, (i, s) in zip(tails, sequences)]
-
-
-class TopOfCausalLM(torch.nn.Module):
-    """A causal LM run from the hidden states entering decoder layer ``frozen``: the same module
-    (same parameters, same adapters), its layer stack cut to the layers above for the length of a
-    forward pass. Positions are 0..length−1 and the causal mask comes from ``attention_mask``, as
-    in the whole model, so with right padding every real token sees exactly what it saw there.
-
-    The output head runs only where it is needed: for the loss, on the positions that predict a
-    labelled token (the response), which gives the model's own loss, the mean over those tokens of
-    −log softmax(lm_head(h_t))[labels_{t+1}], at a fraction of the cost of all positions' logits
-    (SmolLM2's vocabulary of 49,152 makes lm_head as costly as 8 decoder layers)."""
-
-    def __init__(self, lm: torch.nn.Module, frozen: int) -> None:
-        super().__init__()
-        self.lm = lm
-        self.frozen = frozen
-        decoder_layers(lm, frozen)
-        if getattr(lm.config, "final_logit_softcapping", None):
-            raise ValueError(f"frozen_layers: {type(lm).__name__} post-processes its logits (softcapping); not supported")
-
-    def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The last hidden states (after the final norm) of the layers above ``frozen``."""
-        inner = self.lm.model
-        layers = inner.layers
-        inner.layers = layers[self.frozen :]
-        try:
-            return inner(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        finally:
-            inner.layers = layers
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
-        from moslora.train.data import IGNORE_INDEX
-
-        hidden = self.hidden(inputs_embeds, attention_mask)
-        targets = labels[:, 1:]
-        where = targets != IGNORE_INDEX
-        logits = self.lm.lm_head(hidden[:, :-1][where]).float()
-        return {"loss": torch.nn.functional.cross_entropy(logits, targets[where])}
-
-    @torch.no_grad()
-    def continuation_scores(self, sequences: list[dict[str, Any]], batch_size: int = 16) -> list[float]:
-        """Mean log-probability per token of each cached sequence's continuation (its tokens
-        ``start`` … end): :func:`moslora.eval.evaluate.continuation_logprobs` with ``mean=True``,
-        from cached states."""
-        from moslora.compare.classification import pad_states
-
-        scores = []
-        for at in range(0, len(sequences), batch_size):
-            chunk = sequences[at : at + batch_size]
-            batch = pad_states([{"inputs_embeds": s["inputs_embeds"], "labels": 0} for s in chunk])
-            hidden = self.hidden(batch["inputs_embeds"], batch["attention_mask"])
-            for h, s in zip(hidden, chunk):
-                ids = torch.as_tensor(s["input_ids"])
-                start, end = s["start"], len(ids)
-                logp = torch.log_softmax(self.lm.lm_head(h[start - 1 : end - 1]).float(), dim=-1)
-                scores.append(float(logp.gather(-1, ids[start:end, None]).mean()))
-        return scores

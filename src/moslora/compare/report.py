@@ -132,6 +132,9 @@ def _caption(results: dict[str, Any]) -> list[str]:
             f"Learning rate per method: best mean validation accuracy over the grid {settings['lrs']} "
             f"(validation seeds {settings['validation_seeds']}, not used for testing); the `lr` column is the pick."
         )
+    elif isinstance(settings["lrs"], dict):
+        lines.append("Learning rate per method given (" + ", ".join(f"{m} {lr:g}" for m, lr in settings["lrs"].items())
+                     + "), picked by an earlier search; no search here.")
     else:
         lines.append(f"One learning rate for every method ({settings['lrs'][0]:g}); no search.")
     lines.append(

@@ -109,6 +109,7 @@ def _step_on_bar(bar: Any, label: str) -> Any:
 def _training_arguments(task: Any, spec: RunSpec, output_dir: str) -> Any:
     from transformers import TrainingArguments
 
+    bf16 = getattr(task, "precision", "fp32") == "bf16"
     return TrainingArguments(
         output_dir=output_dir,
         max_steps=task.steps,
@@ -124,7 +125,8 @@ def _training_arguments(task: Any, spec: RunSpec, output_dir: str) -> Any:
         report_to="none",
         disable_tqdm=True,
         seed=spec.seed,
-        bf16=getattr(task, "precision", "fp32") == "bf16",  # autocast; weights and adapters stay fp32
+        bf16=bf16,  # autocast; weights and adapters stay fp32
+        use_cpu=bf16 and not torch.cuda.is_available(),  # Trainer refuses bf16 on CPU unless told
         # The examples are already in the seed's order (data_order); the sampler must keep it.
         train_sampling_strategy="sequential",
         dataloader_num_workers=0,
@@ -201,15 +203,15 @@ def run_comparison(
     methods: list[str],
     seeds: int,
     r: int,
-    lrs: list[float],
+    lrs: list[float] | dict[str, float],
     validation_seeds: int = 1,
     on_run: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     prepared: Any = None,
 ) -> dict[str, Any]:
-    """Search each method's learning rate on validation, then train every method on test seeds
-    0..seeds−1 at its picked rate. ``on_run(results)`` is called after every run with the results so
-    far (to save them as they come). ``prepared`` is ``task.prepare()``'s result when the caller
+    """Search each method's learning rate on validation (``lrs`` a grid; a dict of one rate per
+    method skips the search), then train every method on test seeds 0..seeds−1 at its rate.
+    ``on_run(results)`` is called after every run with the results so far (to save them as they come). ``prepared`` is ``task.prepare()``'s result when the caller
     already has it (a rank sweep makes it once). Progress is a bar on a terminal and one line per
     run otherwise (a log file stays readable). Returns the results: task, settings, the untrained
     model's scores, picked LRs, every run."""
@@ -219,17 +221,21 @@ def run_comparison(
         raise ValueError(f"the comparison is against {BASELINE!r}: include it in the methods")
     if seeds < 1 or validation_seeds < 1:
         raise ValueError(f"need at least one seed, got seeds={seeds}, validation_seeds={validation_seeds}")
-    if not lrs or any(lr <= 0 for lr in lrs):
+    given = dict(lrs) if isinstance(lrs, dict) else None
+    if given is not None and set(given) != set(methods):
+        raise ValueError(f"per-method learning rates must name each method {methods}, got {sorted(given)}")
+    grid = list(given.values()) if given is not None else list(lrs)
+    if not grid or any(lr <= 0 for lr in grid):
         raise ValueError(f"learning rates must be positive, got {lrs}")
     prepared = task.prepare() if prepared is None else prepared
-    search, test_seeds = plan(methods, seeds, lrs, validation_seeds)
+    search, test_seeds = plan(methods, seeds, [] if given is not None else grid, validation_seeds)
     results: dict[str, Any] = {
         "task": task.describe(),
         "settings": {
             "methods": methods,
             "seeds": test_seeds,
             "r": r,
-            "lrs": lrs,
+            "lrs": given if given is not None else grid,
             "validation_seeds": [VALIDATION_SEED_BASE + i for i in range(validation_seeds)] if search else [],
         },
         "environment": _environment(),
@@ -252,7 +258,10 @@ def run_comparison(
 
     for spec in search:
         record(spec)
-    results["picked_lr"] = pick_lrs(results["runs"], methods, lrs) if search else {m: lrs[0] for m in methods}
+    if given is not None:
+        results["picked_lr"] = given
+    else:
+        results["picked_lr"] = pick_lrs(results["runs"], methods, grid) if search else {m: grid[0] for m in methods}
     # Seed-major order: if the run is cut short, the finished seeds are complete pairs.
     for seed in test_seeds:
         for method in methods:

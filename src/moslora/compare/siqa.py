@@ -1,9 +1,9 @@
 """The built-in SIQA tasks: the paper's Social IQa commonsense questions (BIG-bench ``social_iqa``,
 1,954 questions with 3 options, 4 with 2) on SmolLM2-135M-Instruct.
 
-- ``siqa`` (choice text, the variant that learns at a CPU budget): each row lists its options, the
-  response trained on is the gold option's **text**, and scoring picks the option with the highest
-  mean log-probability per token (``scoring: choice``).
+- ``siqa`` (choice text, the variant that learns at a CPU budget): the question is asked without
+  its options, the response trained on is the gold option's **text**, and scoring picks the option
+  with the highest mean log-probability per token as the response (``scoring: choice``).
 - ``siqa-labels`` (the paper's label format, as commonsense_170k writes social_i_qa): the same
   question with ``Answer1: … Answer2: … Answer3: …`` and ``Answer format: answer1/answer2/answer3``,
   the response ``the correct answer is answerN``, the label read from greedy decoding by the paper's
@@ -72,11 +72,11 @@ def label_row(q: Question) -> dict[str, Any]:
 
 
 def choice_row(q: Question) -> dict[str, Any]:
-    """Choice text: the same question and listed options; the response is the gold option's text."""
-    listed = " ".join(f"Answer{k + 1}: {option}" for k, option in enumerate(q.options))
+    """Choice text: the question alone (the options are not listed: a model that sees them learns to
+    copy any of them, which raises every option's likelihood alike), the gold option's text as the
+    response, and the options carried by the row for scoring."""
     return {
-        "instruction": f"Please choose the correct answer to the question: {q.question}\n\n{listed}\n\n"
-        "Answer with the text of the correct answer.",
+        "instruction": f"Please answer the question: {q.question}",
         "input": "",
         "output": q.options[q.gold],
         "answer": q.options[q.gold],
