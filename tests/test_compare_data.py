@@ -95,3 +95,13 @@ def test_fetch_extracts_verified_files_from_an_archive_and_keeps_intact_ones(tmp
     shutil.rmtree(cache / "social_iqa")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         bigbench.fetch(archive, cache, progress=False)
+
+
+def test_moslora_data_fetch_has_help(capsys):
+    from moslora.cli.main import main
+
+    for argv in (["data", "--help"], ["data", "fetch", "--help"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+        assert "usage: moslora data" in capsys.readouterr().out

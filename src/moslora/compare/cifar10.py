@@ -110,5 +110,5 @@ def cifar10_task() -> ImageTask:
         quick_steps=30,
         quick_sizes=(500, 1000),
         quick_learning_rate=3e-3,
-        description="CIFAR-10 (BIG-bench cifar10_classification), EfficientNet-Lite0 (ImageNet) + classifier, 112 px",
+        description="CIFAR-10 (BIG-bench cifar10_classification), EfficientNet-Lite0 (ImageNet) + classifier",
     )
