@@ -190,7 +190,7 @@ def test_builtin_siqa_tasks_ask_the_fixed_split():
 
     task, labels = siqa_task(), siqa_labels_task()
     assert (len(task.train), len(task.validation), len(task.test)) == (1354, 150, 450)
-    assert task.scoring == "choice" and labels.scoring == "generate" and task.frozen_layers == 22
+    assert task.scoring == "choice" and labels.scoring == "generate" and task.frozen_layers == 26
     assert task.model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(task.model).is_file()
     for choice, label in zip(task.test, labels.test):
         question = choice["instruction"].removeprefix("Please answer the question: ")
@@ -199,7 +199,7 @@ def test_builtin_siqa_tasks_ask_the_fixed_split():
     assert sum(len(r["options"]) == 2 for r in task.train + task.validation + task.test) == 4
     assert task.chance() == pytest.approx(sum(1 / len(r["options"]) for r in task.test) / 450)
     quick = task.quick()
-    assert (quick.steps, len(quick.train), len(quick.validation), len(quick.test)) == (40, 320, 75, 150)
+    assert (quick.steps, len(quick.train), len(quick.validation), len(quick.test)) == (40, 320, 0, 150)
 
 
 @needs_siqa
