@@ -13,18 +13,12 @@ from scipy import stats as scipy_stats
 
 import moslora
 from moslora.compare import report
-from moslora.compare.runner import (
-    METHODS,
-    EncodedTask,
-    RunSpec,
-    build_model,
-    data_order,
-    pick_lrs,
-    run_comparison,
-    train_and_score,
-)
+from moslora.compare.classification import EncodedTask, build_model
+from moslora.compare.methods import METHODS
+from moslora.compare.runner import RunSpec, data_order, pick_lrs, run_comparison, train_and_score
 from moslora.compare.stats import describe, paired
-from moslora.compare.tasks import load_task, load_task_yaml
+from moslora.compare.task_file import load_task_yaml
+from moslora.compare.tasks import load_task
 
 # --------------------------------------------------------------------------------------------
 # Statistics, against hand computation and scipy
@@ -328,7 +322,7 @@ def instruction_task_file(tmp_path_factory) -> Path:
 
 
 def test_instruction_task_file_reads_rows_and_settings(instruction_task_file):
-    from moslora.compare.tasks import InstructionTask
+    from moslora.compare.instruction import InstructionTask
 
     task = load_task(str(instruction_task_file))
     assert isinstance(task, InstructionTask) and task.kind == "instruction"
@@ -347,7 +341,7 @@ def test_instruction_task_file_reads_rows_and_settings(instruction_task_file):
         ({"dataset": "mmlu"}, "field 'dataset'"),
         ({"scoring": "beam"}, "field 'scoring'"),
         ({"kind": "regression"}, "field 'kind'"),
-        ({"frozen_layers": 2}, "unknown field(s) ['frozen_layers'] for a instruction task"),
+        ({"text_column": "text"}, "unknown field(s) ['text_column']"),
         ({"lrs": [1e-3, -1]}, "field 'lrs'"),
         ({"model": "nowhere.gguf"}, "field 'model'"),
     ],
@@ -386,7 +380,7 @@ def test_instruction_task_file_names_the_bad_row(instruction_task_file, tmp_path
 def test_instruction_runs_pair_A_and_score_like_evaluate(instruction_task_file):
     # Same seed: the same A in every layer whatever the method; a run is reproducible from its seed
     # and its accuracy is moslora.eval.evaluate's answers against the rows' gold answers.
-    from moslora.compare.runner import InstructionData
+    from moslora.compare.instruction import InstructionData
     from moslora.eval import evaluate
 
     prepared = InstructionData(load_task(str(instruction_task_file)))
@@ -410,7 +404,7 @@ def test_instruction_runs_pair_A_and_score_like_evaluate(instruction_task_file):
     # Scoring is evaluate()'s, on whatever model it is given.
     model = prepared.build("lora", seed=0, r=4)
     expected = evaluate(model, prepared.tokenizer, prepared.task.test, "boolq", max_new_tokens=6, batch_size=16)
-    got = prepared.score(None, model, "test")
+    got = prepared.score(model, "test")
     assert got["value"] == expected["accuracy"] and got["answers"] == [e["extracted"] for e in expected["examples"]]
 
 
@@ -422,11 +416,11 @@ def test_instruction_training_learns_the_answer_format(instruction_task_file):
     # 2-layer model learns in 24 steps; accuracy is not asserted.)
     from dataclasses import replace
 
-    from moslora.compare.runner import InstructionData
+    from moslora.compare.instruction import InstructionData
 
     task = replace(load_task(str(instruction_task_file)), steps=24, warmup_steps=2, log_every=4)
     prepared = InstructionData(task)
-    before = prepared.score(None, prepared.build("lora", seed=0, r=8), "test")
+    before = prepared.score(prepared.build("lora", seed=0, r=8), "test")
     run = train_and_score(prepared, RunSpec("lora", seed=0, lr=1e-2, split="test"), r=8)
     assert before["no_answer"] == 12 and run["no_answer"] == 0
     assert set(run["answers"]) <= {"true", "false"}
@@ -450,7 +444,7 @@ def test_compare_end_to_end_on_an_instruction_task(instruction_task_file, tmp_pa
 
 
 def test_smollm2_task_asks_the_tweets_split_as_three_option_questions():
-    from moslora.compare.tasks import smollm2_tweets_task, tweets_task
+    from moslora.compare.tweets import smollm2_tweets_task, tweets_task
     from moslora.eval.tasks import choices, extract_answer
 
     task, tweets = smollm2_tweets_task(), tweets_task()
@@ -473,17 +467,29 @@ def test_smollm2_task_asks_the_tweets_split_as_three_option_questions():
     assert not any(n.endswith(("o_proj", "gate_proj")) for n in hit)
 
 
-def test_the_bar_shows_each_runs_step_then_scoring(task_file, capsys):
+def test_the_bar_shows_each_runs_step_then_scoring_on_a_terminal(task_file, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     results = run_comparison(load_task(str(task_file)), methods=["lora"], seeds=1, r=4, lrs=[1e-2], progress=True)
     assert len(results["runs"]) == 1
     err = capsys.readouterr().err
-    assert "compare tiny" in err and "test lora lr=0.01 seed=0 scoring" in err
+    assert "compare tiny r=4" in err and "test lora lr=0.01 seed=0 scoring" in err
+
+
+def test_progress_piped_to_a_file_is_one_line_per_run(task_file, capsys):
+    # Not a terminal (a pipe, a log file): no bar redrawn every step, one line per finished run.
+    results = run_comparison(load_task(str(task_file)), methods=["lora", "moslora"], seeds=2, r=4, lrs=[1e-2], progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and "\r" not in "".join(lines)
+    run = results["runs"][3]
+    assert lines[3] == f"compare tiny r=4 [4/4] test moslora lr=0.01 seed=1: {100 * run['value']:.1f}% ({run['train_seconds']:.0f} s training)"
 
 
 def test_an_instruction_task_whose_responses_are_all_cut_away_is_refused(instruction_task_file):
     from dataclasses import replace
 
-    from moslora.compare.runner import InstructionData
+    from moslora.compare.instruction import InstructionData
 
     with pytest.raises(ValueError, match="max_length=16"):
         InstructionData(replace(load_task(str(instruction_task_file)), max_length=16))
@@ -499,3 +505,22 @@ def test_quick_uses_the_middle_of_the_tasks_grid_and_two_seeds(task_file, tmp_pa
     assert results["settings"]["lrs"] == [3e-3] and results["settings"]["validation_seeds"] == []
     assert results["settings"]["seeds"] == [0, 1] and results["task"]["steps"] == 1
     assert results["command"].endswith("--lrs 0.003 --validation-seeds 1 --quick --output " + str(out))
+
+
+def test_per_method_learning_rates_skip_the_search(task_file, tmp_path):
+    from moslora.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(["compare", "--task", str(task_file), "--methods", "lora,moslora", "--seeds", "1", "--r", "4",
+                 "--lrs", "moslora=1e-2,lora=3e-3", "--output", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["picked_lr"] == {"lora": 3e-3, "moslora": 1e-2} == results["settings"]["lrs"]
+    assert {(r["method"], r["lr"], r["split"]) for r in results["runs"]} == {("lora", 3e-3, "test"), ("moslora", 1e-2, "test")}
+    assert "--lrs lora=0.003,moslora=0.01" in results["command"]
+    assert "Learning rate per method given (lora 0.003, moslora 0.01)" in (out / "results.md").read_text()
+
+def test_per_method_learning_rates_must_name_every_method(task_file, tmp_path, capsys):
+    from moslora.cli.main import main
+
+    assert main(["compare", "--task", str(task_file), "--methods", "lora,moslora", "--lrs", "lora=3e-3", "--output", str(tmp_path)]) == 2
+    assert "--lrs: give one rate for each method ['lora', 'moslora'], got ['lora']" in capsys.readouterr().err

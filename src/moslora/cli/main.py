@@ -11,7 +11,7 @@ from moslora.cli import console
 from moslora.cli.extras import MissingDependency
 
 # One module per subcommand, in the order ``moslora --help`` lists them.
-SUBCOMMANDS = ("demo", "train", "eval", "export", "compare", "generate")
+SUBCOMMANDS = ("demo", "train", "eval", "export", "compare", "generate", "data")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moslora.compare.runner import BASELINE
+from moslora.compare.methods import BASELINE
 from moslora.compare.stats import describe, paired
 from moslora.io.atomic import atomic_path, atomic_write_json, atomic_write_text
 
@@ -61,15 +61,17 @@ def _p(value: float | None) -> str:
 
 
 def _columns(rows: list[dict[str, Any]], trainable_mixer: dict[str, bool]) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "lr", "accuracy % (mean ± std)", "Δ vs LoRA, pts [95% CI]", "t-test p", "Wilcoxon p", "wins/losses", "s/run", "trainable params"]
+    header = ["method", "lr", "accuracy % (mean ± std)", "Δ vs LoRA, pts [95% CI]", "MDE, pts", "t-test p", "Wilcoxon p",
+              "wins/losses", "s/run", "trainable params"]
     body = []
     for row in rows:
         pair = row["vs_baseline"]
         if pair is None:
-            delta, t_p, w_p, record = "(baseline)", "–", "–", "–"
+            delta, mde, t_p, w_p, record = "(baseline)", "–", "–", "–", "–"
         else:
             ci = "" if pair["ci_low"] is None else f" [{_pct(pair['ci_low'], True)}, {_pct(pair['ci_high'], True)}]"
             delta = _pct(pair["mean_diff"], True) + ci
+            mde = "–" if pair["half_width"] is None else "±" + _pct(pair["half_width"])
             t_p, w_p = _p(pair["t_pvalue"]), _p(pair["wilcoxon_pvalue"])
             record = f"{pair['wins']}/{pair['losses']}"
         std = "" if row["metric_std"] is None else f" ± {_pct(row['metric_std'])}"
@@ -82,6 +84,7 @@ def _columns(rows: list[dict[str, Any]], trainable_mixer: dict[str, bool]) -> tu
                 "–" if row["lr"] is None else f"{row['lr']:g}",
                 _pct(row["metric_mean"]) + std,
                 delta,
+                mde,
                 t_p,
                 w_p,
                 record,
@@ -101,27 +104,37 @@ def _caption(results: dict[str, Any]) -> list[str]:
     sizes = task["sizes"]
     seeds = finished_seeds(results)
     planned = len(settings["seeds"])
+    if task.get("kind") == "image":
+        inputs = f"images at {task['image_size']} px"
+    else:
+        inputs = f"max {task['max_length']} tokens"
     lines = [
         f"Task `{task['name']}`: {task['description'] or task['model']}; "
         f"train/validation/test = {sizes['train']}/{sizes['validation']}/{sizes['test']} examples; "
-        f"{task['steps']} steps × batch {task['batch_size']}, max {task['max_length']} tokens; "
+        f"{task['steps']} steps × batch {task['batch_size']}, {inputs}; "
         f"r = {settings['r']}, alpha = {task['alpha_over_r'] * settings['r']:g}"
         + (f", dropout {task['dropout']:g}" if task.get("dropout") else "")
         + ".",
     ]
     if task.get("kind") == "instruction":
-        how = (
-            f"greedy answers of up to {task['max_new_tokens']} tokens, read by the paper's `{task['dataset']}` extraction "
-            "(first answer label in the text; none counts as wrong)"
-            if task["scoring"] == "generate"
-            else f"the most likely of each row's `{task['dataset']}` options (log-likelihood)"
-        )
+        how = {
+            "generate": f"greedy answers of up to {task['max_new_tokens']} tokens, read by the paper's `{task['dataset']}` extraction "
+            "(first answer label in the text; none counts as wrong)",
+            "loglik": f"the most likely of each row's `{task['dataset']}` options (log-likelihood)",
+            "choice": "the option text with the highest mean log-probability per token after the prompt",
+        }[task["scoring"]]
         lines.append(f"Instruction-tuned in the LLM-Adapters format (Alpaca prompt, loss on the response only); accuracy of {how}.")
+    before = reference(results)
+    if before:
+        lines.append("Before training: " + "; ".join(f"{name} {100 * value:.2f}%" for name, value in before.items()) + " (test).")
     if settings["validation_seeds"]:
         lines.append(
             f"Learning rate per method: best mean validation accuracy over the grid {settings['lrs']} "
             f"(validation seeds {settings['validation_seeds']}, not used for testing); the `lr` column is the pick."
         )
+    elif isinstance(settings["lrs"], dict):
+        lines.append("Learning rate per method given (" + ", ".join(f"{m} {lr:g}" for m, lr in settings["lrs"].items())
+                     + "), picked by an earlier search; no search here.")
     else:
         lines.append(f"One learning rate for every method ({settings['lrs'][0]:g}); no search.")
     lines.append(
@@ -130,6 +143,7 @@ def _caption(results: dict[str, Any]) -> list[str]:
         + (": same initial weights (head included), same A, same data order per seed. " if task.get("modules_to_save")
            else ": same initial weights, same A, same data order per seed. ")
         + "Δ = method − LoRA on the same seed, 95% CI from the t-distribution (n − 1 d.o.f.); "
+        "MDE (minimum detectable effect) = the CI's half-width: differences smaller than it are not resolved by these seeds; "
         "two-sided paired t-test and Wilcoxon signed-rank test; wins/losses = seeds where the method is above/below LoRA."
     )
     env = results.get("environment")
@@ -143,6 +157,56 @@ def _caption(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def reference(results: dict[str, Any]) -> dict[str, float]:
+    """What the test accuracy is to be read against: chance (the task's) and, for tasks without a
+    new head, the untrained model."""
+    out = {}
+    if results["task"].get("chance") is not None:
+        out["chance"] = results["task"]["chance"]
+    if results.get("untrained"):
+        out["untrained model"] = results["untrained"]["test"]
+    return out
+
+
+def verdict(results: dict[str, Any]) -> list[str]:
+    """The summary in plain sentences: whether LoRA learnt the task (against the untrained model, or
+    chance), then for each other method what its paired difference does and does not show."""
+    rows = {row["method"]: row for row in summarize(results)}
+    base = rows.get(BASELINE)
+    if base is None or base["metric_mean"] is None:
+        return ["No finished test run of LoRA yet: nothing to summarize."]
+    ref = reference(results)
+    name, level = ("the untrained model", ref["untrained model"]) if "untrained model" in ref else ("chance", ref.get("chance"))
+    lines = []
+    if level is not None:
+        gain = 100 * (base["metric_mean"] - level)
+        how = ("clearly learns the task" if gain >= 5 else "barely learns the task, so the comparison below means little"
+               if gain > 0 else "does not learn the task, so the comparison below means nothing")
+        lines.append(f"LoRA reaches {100 * base['metric_mean']:.1f}% against {100 * level:.1f}% for {name}: at this budget it {how}.")
+    for method, row in rows.items():
+        pair = row["vs_baseline"]
+        if pair is None or pair["mean_diff"] is None:
+            continue
+        n, delta = pair["n"], 100 * pair["mean_diff"]
+        if pair["ci_low"] is None and n >= 2 and pair["std_diff"] == 0:
+            lines.append(f"{method} − LoRA = {delta:+.2f} points on each of the {n} paired seeds (no spread, so no interval).")
+        elif pair["ci_low"] is None:
+            lines.append(f"{method} − LoRA = {delta:+.2f} points on {n} seed(s): too few paired seeds for a confidence interval, so this shows nothing yet.")
+        elif pair["ci_low"] > 0 or pair["ci_high"] < 0:
+            side = "above" if delta > 0 else "below"
+            lines.append(
+                f"{method} is {side} LoRA by {abs(delta):.2f} points (95% CI [{100 * pair['ci_low']:+.2f}, {100 * pair['ci_high']:+.2f}], "
+                f"{n} paired seeds): a real difference on this task, model and budget, which says nothing about other settings."
+            )
+        else:
+            lines.append(
+                f"{method} − LoRA = {delta:+.2f} points (95% CI [{100 * pair['ci_low']:+.2f}, {100 * pair['ci_high']:+.2f}], {n} paired seeds): "
+                f"no difference is detectable at this resolution, so the numbers neither show the mixer helping or hurting "
+                f"nor rule out an effect smaller than about {100 * pair['half_width']:.1f} points."
+            )
+    return lines
+
+
 def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
     header, body = _columns(summarize(results), _trainable_mixer(results))
     lines = [f"# moslora compare: {results['task']['name']}", ""]
@@ -150,7 +214,7 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
         lines += ["```", command, "```", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    lines += [""] + _caption(results) + [""]
+    lines += ["", "**In short:** " + " ".join(verdict(results)), ""] + _caption(results) + [""]
     return "\n".join(lines)
 
 
@@ -162,7 +226,7 @@ def text_table(results: dict[str, Any]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     out = [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
-    return "\n".join(out + [""] + _caption(results))
+    return "\n".join(out + [""] + _caption(results) + ["", "In short:"] + [f"  {sentence}" for sentence in verdict(results)])
 
 
 def figure(results: dict[str, Any], path: str | Path) -> None:

@@ -12,48 +12,29 @@ each method gets its own learning rate, the best of a grid on the validation spl
 are not test seeds (:data:`VALIDATION_SEED_BASE` + i). Test seeds 0..n−1 then run on the test split.
 
 Training is the Hugging Face ``Trainer`` (AdamW, linear decay after warm-up, no weight decay) with a
-sequential sampler over the pre-ordered examples, the same for both kinds of task. A classification
-task is scored by the accuracy of the classifier; an instruction task by the accuracy of the answers
-:func:`moslora.eval.evaluate` reads from the model's output (the paper's extraction).
+sequential sampler over the pre-ordered examples, the same for every kind of task. What a kind
+adds is its ``prepare()`` object: ``train`` (the examples, tokenized or cached once), ``collator()``,
+``build(method, seed, r)``, ``training_model(model)`` (what the Trainer runs: the model, or the
+same model fed cached states) and ``score(model, split)``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Iterable
 
 import torch
 
-import moslora
-from moslora.compare.tasks import InstructionTask, Split, Task
+from moslora.compare.methods import BASELINE, METHODS, method_config
+from moslora.model.inject import get_config
+from moslora.model.ops import parameter_counts
 
-# Each method is a change to the same MoSLoRAConfig; "lora" is the mixer-less case of the same code.
-METHODS: dict[str, dict[str, Any]] = {
-    "lora": {"mixer": None},
-    "moslora": {"mixer": "kaiming"},
-    "moslora-frozen": {"mixer": "kaiming", "train_mixer": False},
-    "moslora-orthogonal": {"mixer": "orthogonal"},
-}
-BASELINE = "lora"
 VALIDATION_SEED_BASE = 1000
-
-
-def method_config(task: Task | InstructionTask, method: str, r: int) -> moslora.MoSLoRAConfig:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known methods: {list(METHODS)}")
-    return moslora.MoSLoRAConfig(
-        r=r,
-        alpha=task.alpha_over_r * r,
-        dropout=task.dropout,
-        target_modules=task.target_modules,
-        modules_to_save=list(task.modules_to_save),
-        **METHODS[method],
-    )
 
 
 def data_order(seed: int, n: int, count: int) -> list[int]:
@@ -66,191 +47,6 @@ def data_order(seed: int, n: int, count: int) -> list[int]:
     return order[:count]
 
 
-class EncodedTask:
-    """A task's tokenizer and its three splits tokenized once, shared by every run; with
-    ``task.frozen_layers`` also the frozen bottom's output for every example."""
-
-    def __init__(self, task: Task) -> None:
-        from transformers import AutoTokenizer
-
-        self.task = task
-        self.tokenizer = AutoTokenizer.from_pretrained(task.model)
-        self.splits = {name: self._encode(getattr(task, name)) for name in ("train", "validation", "test")}
-        if task.frozen_layers:
-            bottom = _load(task).eval()
-            parent, attr, layers = _encoder_layers(bottom, task.frozen_layers)
-            setattr(parent, attr, layers[: task.frozen_layers])
-            self.splits = {name: _frozen_states(bottom, examples) for name, examples in self.splits.items()}
-
-    def _encode(self, split: Split) -> list[dict[str, Any]]:
-        encoded = self.tokenizer(split.texts, truncation=True, max_length=self.task.max_length)
-        keys = list(encoded.keys())
-        return [{**{k: encoded[k][i] for k in keys}, "labels": label} for i, label in enumerate(split.labels)]
-
-    @property
-    def train(self) -> list[dict[str, Any]]:
-        return self.splits["train"]
-
-    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        from transformers import DataCollatorWithPadding
-
-        return _pad_states if self.task.frozen_layers else DataCollatorWithPadding(self.tokenizer)
-
-    def build(self, method: str, seed: int, r: int) -> torch.nn.Module:
-        return build_model(self.task, method, seed, r)
-
-    def score(self, trainer: Any, model: torch.nn.Module, split: str) -> dict[str, Any]:
-        predictions = trainer.predict(self.splits[split])
-        logits = predictions.predictions[0] if isinstance(predictions.predictions, tuple) else predictions.predictions
-        return {"metric": "accuracy", "value": float((logits.argmax(-1) == predictions.label_ids).mean())}
-
-
-class InstructionData:
-    """An instruction task's base model (loaded once, copied for every run), its tokenizer and its
-    training rows tokenized once, as ``moslora train`` tokenizes them."""
-
-    def __init__(self, task: InstructionTask) -> None:
-        from moslora.train.data import has_response, tokenize_row
-        from moslora.train.model import load_model
-
-        self.task = task
-        # fp32 everywhere (the adapters too); a 135M model needs no bf16, and the runs stay comparable.
-        self.base, self.tokenizer = load_model(task.model, precision="fp32", for_training=False)
-        if torch.cuda.is_available():
-            self.base = self.base.to("cuda")
-        self.base.requires_grad_(False)
-        # Right padding for training: Llama-style models take positions from the cache, not the mask
-        # (scoring pads left for generation and puts it back).
-        self.tokenizer.padding_side = "right"
-        rows = [tokenize_row(self.tokenizer, row, cutoff_len=task.max_length) for row in task.train]
-        # A row whose response is cut away by max_length teaches nothing (and makes a 0/0 loss).
-        self.train = [row for row in rows if has_response(row)]
-        if not self.train:
-            raise ValueError(f"task {task.name}: every training row's response is cut away by max_length={task.max_length}")
-        if len(self.train) < len(rows):
-            warnings.warn(f"task {task.name}: {len(rows) - len(self.train)} of {len(rows)} training rows dropped: "
-                          f"max_length={task.max_length} cuts their response away", stacklevel=2)
-
-    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
-        from transformers import DataCollatorForSeq2Seq
-
-        return DataCollatorForSeq2Seq(self.tokenizer, pad_to_multiple_of=8, padding=True, return_tensors="pt")
-
-    def build(self, method: str, seed: int, r: int) -> torch.nn.Module:
-        torch.manual_seed(seed)  # A (then M) are drawn from it, the same A for every method
-        model = moslora.inject(copy.deepcopy(self.base), method_config(self.task, method, r))
-        model.config.use_cache = False  # training only; generation turns its cache on itself
-        return model
-
-    def score(self, trainer: Any, model: torch.nn.Module, split: str) -> dict[str, Any]:
-        from moslora.eval import evaluate
-
-        task = self.task
-        result = evaluate(model, self.tokenizer, getattr(task, split), task.dataset, scoring=task.scoring,
-                          batch_size=task.eval_batch_size, max_new_tokens=task.max_new_tokens)
-        return {"metric": "accuracy", "value": result["accuracy"], "no_answer": result["no_answer"],
-                "answers": [example["extracted"] for example in result["examples"]]}
-
-
-def prepare(task: Task | InstructionTask) -> EncodedTask | InstructionData:
-    """What every run of ``task`` shares, made once: tokenized data (and a cache or a base model)."""
-    return InstructionData(task) if isinstance(task, InstructionTask) else EncodedTask(task)
-
-
-@torch.no_grad()
-def _frozen_states(bottom: torch.nn.Module, examples: list[dict[str, Any]], batch: int = 64) -> list[dict[str, Any]]:
-    """Each example's hidden states after the frozen bottom (unpadded, ``length × hidden``)."""
-    states = []
-    for start in range(0, len(examples), batch):
-        chunk = examples[start : start + batch]
-        inputs = {k: v for k, v in _pad_ids(chunk).items() if k != "labels"}
-        hidden = bottom.base_model(**inputs).last_hidden_state
-        for example, h in zip(chunk, hidden):
-            states.append({"inputs_embeds": h[: len(example["input_ids"])].clone(), "labels": example["labels"]})
-    return states
-
-
-def _pad_ids(chunk: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    # Token ids padded with 0 and a 0/1 attention mask; padding positions are dropped afterwards.
-    length = max(len(e["input_ids"]) for e in chunk)
-    out = {}
-    for key in chunk[0]:
-        if key == "labels":
-            out[key] = torch.tensor([e[key] for e in chunk])
-        else:
-            out[key] = torch.tensor([e[key] + [0] * (length - len(e[key])) for e in chunk])
-    return out
-
-
-def _pad_states(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    length = max(e["inputs_embeds"].shape[0] for e in batch)
-    hidden = batch[0]["inputs_embeds"].shape[1]
-    states = torch.zeros(len(batch), length, hidden)
-    mask = torch.zeros(len(batch), length, dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = e["inputs_embeds"].shape[0]
-        states[i, :n] = e["inputs_embeds"]
-        mask[i, :n] = 1
-    return {"inputs_embeds": states, "attention_mask": mask, "labels": torch.tensor([e["labels"] for e in batch])}
-
-
-class _PassThrough(torch.nn.Module):
-    """Stands in for the embeddings when the model is fed the frozen bottom's cached output."""
-
-    def forward(self, inputs_embeds: torch.Tensor, **_: Any) -> torch.Tensor:
-        return inputs_embeds
-
-
-def _encoder_layers(model: torch.nn.Module, frozen: int) -> tuple[torch.nn.Module, str, torch.nn.ModuleList]:
-    """The encoder's stack of transformer layers (BERT-style: ``base_model.embeddings`` plus a
-    ModuleList of ``config.num_hidden_layers`` layers)."""
-    count = getattr(model.config, "num_hidden_layers", None)
-    base = model.base_model
-    for name, module in base.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count and hasattr(base, "embeddings"):
-            if frozen >= count:
-                raise ValueError(f"frozen_layers={frozen} leaves no layer to adapt: the model has {count}")
-            parent_name, _, attr = name.rpartition(".")
-            return (base.get_submodule(parent_name) if parent_name else base), attr, module
-    raise ValueError(
-        f"frozen_layers needs a BERT-style encoder (base_model.embeddings and a list of num_hidden_layers layers); "
-        f"{type(model).__name__} is not one"
-    )
-
-
-def _load(task: Task) -> torch.nn.Module:
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the load report lists the new head as missing: expected here
-    hf_logging.disable_progress_bar()  # one bar per load would break up the comparison's own bar
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            task.model,
-            num_labels=len(task.label_names),
-            id2label=dict(enumerate(task.label_names)),
-            label2id={name: i for i, name in enumerate(task.label_names)},
-            ignore_mismatched_sizes=True,
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
-def build_model(task: Task, method: str, seed: int, r: int) -> torch.nn.Module:
-    """The task's model (above its frozen bottom, if any) with a fresh head and adapters for
-    ``method``; the head and A depend only on ``seed``, never on the method."""
-    torch.manual_seed(seed)
-    model = _load(task)
-    if task.frozen_layers:
-        parent, attr, layers = _encoder_layers(model, task.frozen_layers)
-        setattr(parent, attr, layers[task.frozen_layers :])
-        model.base_model.embeddings = _PassThrough()
-    return moslora.inject(model, method_config(task, method, r))
-
-
 @dataclass
 class RunSpec:
     method: str
@@ -259,7 +55,7 @@ class RunSpec:
     split: str  # "validation" (learning-rate search) or "test"
 
 
-def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: int, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
+def train_and_score(prepared: Any, spec: RunSpec, r: int, callbacks: Iterable[Any] = ()) -> dict[str, Any]:
     """One run: build, train with the Trainer (plus ``callbacks``), score on ``spec.split``. Returns
     the run's record for the results file (config, seed, lr, loss curve, metric, time, parameter
     counts)."""
@@ -269,17 +65,17 @@ def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: i
 
     task = prepared.task
     model = prepared.build(spec.method, spec.seed, r)
-    counts = moslora.parameter_counts(model)
+    counts = parameter_counts(model)
     order = data_order(spec.seed, len(prepared.train), task.steps * task.batch_size)
     train = [prepared.train[i] for i in order]
     with tempfile.TemporaryDirectory(prefix="moslora-compare-") as tmp:
-        trainer = AdapterTrainer(model=model, args=_training_arguments(task, spec, tmp), train_dataset=train,
+        trainer = AdapterTrainer(model=prepared.training_model(model), args=_training_arguments(task, spec, tmp), train_dataset=train,
                                  data_collator=prepared.collator(), callbacks=list(callbacks))
         trainer.remove_callback(PrinterCallback)  # the log dicts would drown the progress bar
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        scored = prepared.score(trainer, model, spec.split)
+        scored = prepared.score(model, spec.split)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     return {
         "method": spec.method,
@@ -291,7 +87,7 @@ def train_and_score(prepared: EncodedTask | InstructionData, spec: RunSpec, r: i
         "curve": {"step": [s for s, _ in curve], "loss": [loss for _, loss in curve]},
         "trainable_params": counts["trainable"],
         "parameter_counts": counts,
-        "config": moslora.get_config(model).to_dict(),
+        "config": get_config(model).to_dict(),
     }
 
 
@@ -310,9 +106,10 @@ def _step_on_bar(bar: Any, label: str) -> Any:
     return StepOnBar()
 
 
-def _training_arguments(task: Task | InstructionTask, spec: RunSpec, output_dir: str) -> Any:
+def _training_arguments(task: Any, spec: RunSpec, output_dir: str) -> Any:
     from transformers import TrainingArguments
 
+    bf16 = getattr(task, "precision", "fp32") == "bf16"
     return TrainingArguments(
         output_dir=output_dir,
         max_steps=task.steps,
@@ -328,6 +125,8 @@ def _training_arguments(task: Task | InstructionTask, spec: RunSpec, output_dir:
         report_to="none",
         disable_tqdm=True,
         seed=spec.seed,
+        bf16=bf16,  # autocast; weights and adapters stay fp32
+        use_cpu=bf16 and not torch.cuda.is_available(),  # Trainer refuses bf16 on CPU unless told
         # The examples are already in the seed's order (data_order); the sampler must keep it.
         train_sampling_strategy="sequential",
         dataloader_num_workers=0,
@@ -342,7 +141,7 @@ def _environment() -> dict[str, Any]:
     import transformers
 
     return {
-        "moslora": moslora.__version__,
+        "moslora": _version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -350,6 +149,13 @@ def _environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _version() -> str:
+    try:
+        return version("moslora")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def plan(methods: list[str], seeds: int, lrs: list[float], validation_seeds: int) -> tuple[list[RunSpec], list[int]]:
@@ -377,62 +183,123 @@ def pick_lrs(runs: Iterable[dict[str, Any]], methods: list[str], lrs: list[float
     return picked
 
 
+def untrained_scores(task: Any, prepared: Any, r: int, splits: Iterable[str]) -> dict[str, float] | None:
+    """The model before training on ``splits`` (B = 0, so every method's adapter is a no-op), for
+    tasks without a new head; ``None`` for tasks whose head is new (a random head scores about
+    chance: see the task's ``chance``). Each split is scored once per prepared task."""
+    if task.modules_to_save:
+        return None
+    known = vars(prepared).setdefault("untrained", {})
+    missing = [split for split in splits if split not in known]
+    if missing:
+        model = prepared.build(BASELINE, 0, r)
+        known.update({split: prepared.score(model, split)["value"] for split in missing})
+    return {split: known[split] for split in splits}
+
+
 def run_comparison(
-    task: Task | InstructionTask,
+    task: Any,
     *,
     methods: list[str],
     seeds: int,
     r: int,
-    lrs: list[float],
+    lrs: list[float] | dict[str, float],
     validation_seeds: int = 1,
     on_run: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    prepared: Any = None,
 ) -> dict[str, Any]:
-    """Search each method's learning rate on validation, then train every method on test seeds
-    0..seeds−1 at its picked rate. ``on_run(results)`` is called after every run with the results so
-    far (to save them as they come). Returns the results: task, settings, picked LRs, every run."""
-    from tqdm.auto import tqdm
-
+    """Search each method's learning rate on validation (``lrs`` a grid; a dict of one rate per
+    method skips the search), then train every method on test seeds 0..seeds−1 at its rate.
+    ``on_run(results)`` is called after every run with the results so far (to save them as they come). ``prepared`` is ``task.prepare()``'s result when the caller
+    already has it (a rank sweep makes it once). Progress is a bar on a terminal and one line per
+    run otherwise (a log file stays readable). Returns the results: task, settings, the untrained
+    model's scores, picked LRs, every run."""
     for method in methods:
         method_config(task, method, r)  # fail on a bad method or rank before any training
     if BASELINE not in methods:
         raise ValueError(f"the comparison is against {BASELINE!r}: include it in the methods")
     if seeds < 1 or validation_seeds < 1:
         raise ValueError(f"need at least one seed, got seeds={seeds}, validation_seeds={validation_seeds}")
-    if not lrs or any(lr <= 0 for lr in lrs):
+    given = dict(lrs) if isinstance(lrs, dict) else None
+    if given is not None and set(given) != set(methods):
+        raise ValueError(f"per-method learning rates must name each method {methods}, got {sorted(given)}")
+    grid = list(given.values()) if given is not None else list(lrs)
+    if not grid or any(lr <= 0 for lr in grid):
         raise ValueError(f"learning rates must be positive, got {lrs}")
-    prepared = prepare(task)
-    search, test_seeds = plan(methods, seeds, lrs, validation_seeds)
+    prepared = task.prepare() if prepared is None else prepared
+    search, test_seeds = plan(methods, seeds, [] if given is not None else grid, validation_seeds)
     results: dict[str, Any] = {
         "task": task.describe(),
         "settings": {
             "methods": methods,
             "seeds": test_seeds,
             "r": r,
-            "lrs": lrs,
+            "lrs": given if given is not None else grid,
             "validation_seeds": [VALIDATION_SEED_BASE + i for i in range(validation_seeds)] if search else [],
         },
         "environment": _environment(),
+        "untrained": None,
         "picked_lr": {},
         "runs": [],
     }
-    bar = tqdm(total=len(search) + len(methods) * seeds, desc=f"compare {task.name}", unit="run", disable=not progress)
+    shown = _Progress(f"compare {task.name} r={r}", len(search) + len(methods) * seeds, progress)
+    results["untrained"] = untrained_scores(task, prepared, r, ["validation", "test"] if search else ["test"])
+    if results["untrained"] is not None:
+        shown.line("untrained model: " + ", ".join(f"{split} {100 * value:.1f}%" for split, value in results["untrained"].items()))
 
     def record(spec: RunSpec) -> None:
         label = f"{spec.split} {spec.method} lr={spec.lr:g} seed={spec.seed}"
-        bar.set_postfix_str(label)
-        run = train_and_score(prepared, spec, r, callbacks=[_step_on_bar(bar, label)] if progress else [])
+        run = train_and_score(prepared, spec, r, callbacks=shown.callbacks(label))
         results["runs"].append(run)
-        bar.update()
+        shown.done(label, run)
         if on_run is not None:
             on_run(results)
 
     for spec in search:
         record(spec)
-    results["picked_lr"] = pick_lrs(results["runs"], methods, lrs) if search else {m: lrs[0] for m in methods}
+    if given is not None:
+        results["picked_lr"] = given
+    else:
+        results["picked_lr"] = pick_lrs(results["runs"], methods, grid) if search else {m: grid[0] for m in methods}
     # Seed-major order: if the run is cut short, the finished seeds are complete pairs.
     for seed in test_seeds:
         for method in methods:
             record(RunSpec(method, seed, results["picked_lr"][method], "test"))
-    bar.close()
+    shown.close()
     return results
+
+
+class _Progress:
+    """A tqdm bar showing the current run's step on a terminal; on anything else (a pipe, a log
+    file) one line per finished run, so a log holds one line per run instead of one per step."""
+
+    def __init__(self, desc: str, total: int, enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.enabled, self.desc, self.total, self.count = enabled, desc, total, 0
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="run", disable=not self.tty)
+
+    def callbacks(self, label: str) -> list[Any]:
+        if not self.tty:
+            return []
+        self.bar.set_postfix_str(label)
+        return [_step_on_bar(self.bar, label)]
+
+    def line(self, text: str) -> None:
+        if self.tty:
+            self.bar.write(f"{self.desc}: {text}", file=sys.stderr)
+        elif self.enabled:
+            print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
+
+    def done(self, label: str, run: dict[str, Any]) -> None:
+        self.count += 1
+        if self.tty:
+            self.bar.update()
+        elif self.enabled:
+            print(f"{self.desc} [{self.count}/{self.total}] {label}: {100 * run['value']:.1f}% "
+                  f"({run['train_seconds']:.0f} s training)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()

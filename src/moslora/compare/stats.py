@@ -7,6 +7,12 @@ t-test (``scipy.stats.ttest_rel``, which assumes roughly normal d_i) and the two
 signed-rank test (``scipy.stats.wilcoxon``, which does not; with 5 seeds its smallest possible
 p-value is 2/2⁵ = 0.0625, so it can never reach 0.05). Undefined quantities (a spread from one
 seed, a test on identical results) are ``None``.
+
+Power. The half-width h = t_{0.975, n−1} · s_d / √n of that interval is the comparison's
+**minimum detectable effect** (MDE): a true difference smaller than h in magnitude will usually
+not come out significant at these seeds and this spread, so "no significant difference" means
+only "|Δ| is probably below about h". Halving h takes about four times the seeds;
+:func:`seeds_for_half_width` gives the n at which the same spread s_d would reach a target h.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def paired(method: Sequence[float], baseline: Sequence[float], confidence: float
         "confidence": confidence,
         "ci_low": None,
         "ci_high": None,
+        "half_width": None,
         "t_pvalue": None,
         "wilcoxon_pvalue": None,
         "wins": sum(d > 0 for d in diffs),
@@ -46,10 +53,35 @@ def paired(method: Sequence[float], baseline: Sequence[float], confidence: float
     }
     if n < 2 or summary["std"] == 0:
         return result
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * summary["std"] / math.sqrt(n)
+    half = half_width(summary["std"], n, confidence)
+    result["half_width"] = half
     result["ci_low"] = summary["mean"] - half
     result["ci_high"] = summary["mean"] + half
     result["t_pvalue"] = float(stats.ttest_rel(method, baseline).pvalue)
     if any(diffs):
         result["wilcoxon_pvalue"] = float(stats.wilcoxon(method, baseline).pvalue)
     return result
+
+
+def half_width(std: float, n: int, confidence: float = 0.95) -> float:
+    """h = t_{(1+confidence)/2, n−1} · std / √n: the half-width of the paired confidence interval
+    (the minimum detectable effect) for n paired seeds whose differences have sample std ``std``."""
+    if n < 2:
+        raise ValueError(f"a confidence interval needs at least 2 seeds, got {n}")
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+
+
+def seeds_for_half_width(std: float, target: float, confidence: float = 0.95, limit: int = 100_000) -> int | None:
+    """The smallest n ≥ 2 with :func:`half_width` (std, n) ≤ ``target``: how many paired seeds the
+    same spread of differences would need for an interval of ±target. ``None`` beyond ``limit``."""
+    if target <= 0:
+        raise ValueError(f"target half-width must be positive, got {target}")
+    if std == 0:
+        return 2
+    # (z·std/target)² is a lower bound (t > z); step up from there.
+    n = max(2, math.floor((stats.norm.ppf(0.5 + confidence / 2) * std / target) ** 2))
+    while half_width(std, n, confidence) > target:
+        n += 1
+        if n > limit:
+            return None
+    return n

@@ -8,6 +8,11 @@ Two ways to get a prediction for each row's Alpaca prompt (the one training used
 - ``loglik``: no decoding. Each option is appended as ``<prompt><answer_prefix> <option>`` and
   the option with the highest total log-probability of its own tokens wins. One forward pass per
   option, and never "no answer".
+- ``choice``: for rows that carry their options as text (``options``, a list of strings, with
+  ``answer`` one of them; the response trained on is the answer's text). Each option is the
+  response ``<prompt><option>`` and the option with the highest **mean** log-probability per token,
+  (1/T)·Σ_t log p(x_t | prompt, x_<t), wins: the usual length-normalised multiple-choice score
+  of small language models, so a longer option is not penalised for its length alone.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from moslora.eval.tasks import choices, extract_answer, get_task
 from moslora.io.atomic import atomic_write_json
 from moslora.train.data import prompt, read_rows
 
-SCORINGS = ("generate", "loglik")
+SCORINGS = ("generate", "loglik", "choice")
 ANSWER_PREFIX = "the correct answer is"  # how the commonsense_170k responses begin
 
 
@@ -53,28 +58,85 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, batch_size: 
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8) -> list[float]:
-    """log p(continuation | context) summed over the continuation's tokens, for each pair.
+def continuation_logprobs(
+    model, tokenizer, contexts: Sequence[str], continuations: Sequence[str], *, batch_size: int = 8, mean: bool = False
+) -> list[float]:
+    """log p(continuation | context) summed over the continuation's tokens (``mean``: divided by
+    their number), for each pair.
 
-    The continuation's tokens are those of ``context + continuation`` past the tokens of
-    ``context`` alone (continuations start with a space, so the boundary tokenizes the same).
+    The continuation's tokens are those of ``context + continuation`` past the longest prefix it
+    shares with the tokens of ``context`` alone (so a merge across the boundary counts as part of
+    the continuation).
     """
     tokenizer.padding_side = "right"
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(contexts), batch_size):
-        ctx = contexts[start : start + batch_size]
-        full = [c + x for c, x in zip(ctx, continuations[start : start + batch_size])]
-        n_ctx = [len(ids) for ids in tokenizer(list(ctx))["input_ids"]]
-        batch = tokenizer(full, return_tensors="pt", padding=True).to(device)
-        logits = model(**batch).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-        positions = torch.arange(logp.shape[1], device=device)[None]
-        ends = batch["attention_mask"].sum(1, keepdim=True) - 1
-        # token t+1 is predicted at position t; continuation tokens are n_ctx .. end
-        mask = (positions >= torch.tensor(n_ctx, device=device)[:, None] - 1) & (positions < ends)
-        scores += (logp * mask).sum(1).tolist()
+        pairs = [continuation_tokens(tokenizer, c, x) for c, x in zip(contexts[start : start + batch_size], continuations[start : start + batch_size])]
+        length = max(len(ids) for ids, _ in pairs)
+        ids = torch.tensor([ids + [tokenizer.pad_token_id or 0] * (length - len(ids)) for ids, _ in pairs], device=device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in pairs], device=device)
+        logp = next_token_logprobs(model(input_ids=ids, attention_mask=mask).logits, ids)
+        scores += span_logprobs(logp, [s for _, s in pairs], [len(i) for i, _ in pairs], mean=mean)
     return scores
+
+
+def continuation_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """The token ids of ``context + continuation`` and where the continuation's tokens start: past
+    the longest prefix they share with the tokens of ``context`` alone (at least one context token)."""
+    full = tokenizer(context + continuation)["input_ids"]
+    return full, _shared_prefix(tokenizer(context)["input_ids"], full)
+
+
+def next_token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, length − 1): entry t is log p(input_ids[t + 1] | input_ids[≤ t]) under ``logits``."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+
+
+def span_logprobs(logp: torch.Tensor, starts: Sequence[int], ends: Sequence[int], *, mean: bool = False) -> list[float]:
+    """Σ log p of tokens starts[i] .. ends[i] − 1 of sequence i (``logp`` from
+    :func:`next_token_logprobs`: token j is predicted at position j − 1); ``mean``: divided by their number."""
+    out = []
+    for row, start, end in zip(logp, starts, ends):
+        span = row[start - 1 : end - 1]
+        total = float(span.sum())
+        out.append(total / max(1, len(span)) if mean else total)
+    return out
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading tokens ``a`` and ``b`` share (at least 1: a continuation needs a context token before it)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return max(1, min(n, len(b) - 1))
+
+
+def choice_pairs(rows: Sequence[dict[str, Any]], prompts: Sequence[str]) -> list[tuple[str, str]]:
+    """``(prompt, option)`` for every option of every row, in order (``choice`` scoring)."""
+    pairs = []
+    for i, (row, text) in enumerate(zip(rows, prompts)):
+        options = row.get("options")
+        if not isinstance(options, (list, tuple)) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+            raise ValueError(f"row {i + 1}: choice scoring needs 'options', a list of at least two non-empty strings, got {options!r}")
+        if row["answer"] not in options:
+            raise ValueError(f"row {i + 1}: its answer {row['answer']!r} is not one of its options {list(options)}")
+        pairs += [(text, option) for option in options]
+    return pairs
+
+
+def pick_options(options: Sequence[Sequence[str]], flat_scores: Sequence[float]) -> list[dict[str, Any]]:
+    """Each row's option scores (``flat_scores`` holds every row's options in order) and its best
+    option (the first of equal best)."""
+    predictions, at = [], 0
+    for opts in options:
+        scores = list(flat_scores[at : at + len(opts)])
+        at += len(opts)
+        best = max(range(len(opts)), key=scores.__getitem__)
+        predictions.append({"prediction": dict(zip(opts, scores)), "extracted": opts[best]})
+    return predictions
 
 
 def evaluate(
@@ -106,15 +168,15 @@ def evaluate(
         if scoring == "generate":
             responses = generate_responses(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
             predictions = [{"prediction": text, "extracted": extract_answer(dataset, text)} for text in responses]
-        else:
+        elif scoring == "loglik":
             options = [choices(dataset, r["instruction"]) for r in rows]
             pairs = [(p + answer_prefix, " " + o) for p, opts in zip(prompts, options) for o in opts]
             flat = continuation_logprobs(model, tokenizer, [c for c, _ in pairs], [x for _, x in pairs], batch_size=batch_size)
-            predictions, at = [], 0
-            for opts in options:
-                scores = dict(zip(opts, flat[at : at + len(opts)]))
-                at += len(opts)
-                predictions.append({"prediction": scores, "extracted": max(scores, key=scores.get)})
+            predictions = pick_options(options, flat)
+        else:
+            pairs = choice_pairs(rows, prompts)
+            flat = continuation_logprobs(model, tokenizer, [c for c, _ in pairs], [x for _, x in pairs], batch_size=batch_size, mean=True)
+            predictions = pick_options([r["options"] for r in rows], flat)
     finally:  # the caller's model and tokenizer are left as they were (a training collator pads right)
         model.train(was_training)
         tokenizer.padding_side = padding_side

@@ -1,0 +1,236 @@
+"""Instruction tasks (``kind: instruction``): the paper's LLM pipeline. A causal LM is
+instruction-tuned on rows in the LLM-Adapters format (Alpaca prompt, loss on the response only, as
+``moslora train`` does) and scored on held-out rows by :func:`moslora.eval.evaluate`.
+
+Two row formats:
+
+- the paper's **label format**: the options are listed in the instruction, the response is
+  ``the correct answer is answer2`` and the answer label is read back by the paper's extraction for
+  one of its eight data sets (``scoring: generate``), or the most likely label is taken
+  (``scoring: loglik``);
+- **choice text**: each row also carries ``options`` (a list of strings), the response trained on
+  is the gold option's text and the prediction is the option with the highest mean log-probability
+  per token (``scoring: choice``).
+
+With ``frozen_layers = k`` the embeddings and the bottom k decoder layers get no adapters; their
+output is then a fixed function of the tokens, so :class:`InstructionData` computes it once per
+training row and every run trains only the layers above on it (the whole model scores).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from moslora.compare.causal_cache import TopOfCausalLM, bottom_states, decoder_layers, layer_index, shared_prompt_states
+from moslora.compare.methods import method_config
+from moslora.compare.task import Budget
+from moslora.model.inject import adapter_layers, inject
+from moslora.train.recipe import LLM_TARGETS
+
+
+# fp32: everything in fp32. bf16: weights and adapters stay fp32, matrix products run in bf16 under
+# autocast (training, the frozen bottom's cache, scoring): 4× faster on CPUs with AMX, as on GPUs.
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device | str = "cpu"):
+    """The autocast context of ``precision`` (a no-op for fp32)."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@dataclass(frozen=True)
+class InstructionTask(Budget):
+    """A causal LM instruction-tuned on LLM-Adapters rows (``instruction``, ``input``, ``output``,
+    ``answer``; ``options`` for choice scoring) and scored on held-out rows.
+
+    Training: each row is the Alpaca prompt plus its ``output`` (cut at ``max_length`` tokens, EOS
+    appended), the loss on the response tokens only. Scoring: :func:`moslora.eval.evaluate` with
+    ``scoring`` (``generate``: greedy decoding of up to ``max_new_tokens`` tokens, then the first
+    answer label of ``dataset`` in the text, no label counting as wrong; ``loglik``: the most likely
+    label; ``choice``: the option text with the highest mean log-probability per token). ``model``
+    is a model directory, a hub id, or a ``.gguf`` file. ``precision`` (see :data:`PRECISIONS`) is
+    the same for every method, so it never favours one.
+    """
+
+    name: str
+    model: str
+    dataset: str
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int = 256
+    warmup_steps: int = 0
+    log_every: int = 10
+    scoring: str = "generate"
+    max_new_tokens: int = 16
+    eval_batch_size: int = 16
+    frozen_layers: int = 0
+    alpha_over_r: float = 2.0
+    target_modules: list[str] | str = field(default_factory=lambda: list(LLM_TARGETS))
+    modules_to_save: list[str] = field(default_factory=list)
+    dropout: float = 0.05
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    precision: str = "fp32"
+    quick_steps: int | None = None
+    quick_sizes: tuple[int, int] | None = None
+    quick_learning_rate: float | None = None
+    description: str = ""
+    kind = "instruction"
+
+    def __post_init__(self) -> None:
+        from moslora.eval.evaluate import SCORINGS, choice_pairs
+        from moslora.eval.tasks import TASKS
+
+        if self.dataset not in TASKS:
+            raise ValueError(f"field 'dataset' must be one of the paper's data sets {sorted(TASKS)}, got {self.dataset!r}")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"field 'scoring' must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"field 'precision' must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.scoring == "choice":
+            for split in ("validation", "test"):
+                try:
+                    choice_pairs(getattr(self, split), [""] * len(getattr(self, split)))
+                except ValueError as e:
+                    raise ValueError(f"field {split!r}: {e}") from None
+
+    def _kind_settings(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "scoring": self.scoring, "max_length": self.max_length,
+                "max_new_tokens": self.max_new_tokens, "frozen_layers": self.frozen_layers, "precision": self.precision}
+
+    def chance(self) -> float | None:
+        """Choice scoring: the mean of 1/(number of options) over the test rows (a uniform guess)."""
+        if self.scoring != "choice":
+            return None
+        return sum(1 / len(row["options"]) for row in self.test) / len(self.test)
+
+    def prepare(self) -> "InstructionData":
+        return InstructionData(self)
+
+
+class InstructionData:
+    """An instruction task's base model (loaded once, copied for every run), its tokenizer and its
+    training rows tokenized once, as ``moslora train`` tokenizes them; with ``frozen_layers`` the
+    training rows are the frozen bottom's output instead of token ids."""
+
+    def __init__(self, task: InstructionTask) -> None:
+        from moslora.train.data import has_response, tokenize_row
+        from moslora.train.model import load_model
+
+        self.task = task
+        # fp32 weights and adapters; task.precision says whether products run in bf16 (autocast).
+        self.base, self.tokenizer = _quietly(lambda: load_model(task.model, precision="fp32", for_training=False))
+        if torch.cuda.is_available():
+            self.base = self.base.to("cuda")
+        self.base.requires_grad_(False)
+        # Right padding for training: Llama-style models take positions from the cache, not the mask
+        # (scoring pads left for generation and puts it back).
+        self.tokenizer.padding_side = "right"
+        rows = [tokenize_row(self.tokenizer, row, cutoff_len=task.max_length) for row in task.train]
+        # A row whose response is cut away by max_length teaches nothing (and makes a 0/0 loss).
+        self.train = [row for row in rows if has_response(row)]
+        if not self.train:
+            raise ValueError(f"task {task.name}: every training row's response is cut away by max_length={task.max_length}")
+        if len(self.train) < len(rows):
+            warnings.warn(f"task {task.name}: {len(rows) - len(self.train)} of {len(rows)} training rows dropped: "
+                          f"max_length={task.max_length} cuts their response away", stacklevel=2)
+        self.scoring_cache: dict[str, list[dict[str, Any]]] = {}
+        if task.frozen_layers:
+            decoder_layers(self.base, task.frozen_layers)  # refuse a model it cannot split before any work
+            with autocast(task.precision, self.device):
+                self.train = bottom_states(self.base, task.frozen_layers, self.train)
+            if task.scoring == "choice":
+                self.scoring_cache = {split: self._choice_sequences(split) for split in ("validation", "test") if getattr(task, split)}
+
+    def _choice_sequences(self, split: str) -> list[dict[str, Any]]:
+        """Every option of every row of ``split`` as the tokens ``evaluate`` scores, with the frozen
+        bottom's states for them (a row's prompt is run once for all its options)."""
+        from moslora.eval.evaluate import choice_pairs, continuation_tokens
+        from moslora.train.data import prompt
+
+        rows = getattr(self.task, split)
+        pairs = choice_pairs(rows, [prompt(r["instruction"], r.get("input")) for r in rows])
+        tokens = [continuation_tokens(self.tokenizer, context, option) for context, option in pairs]
+        sequences, at = [], 0
+        with autocast(self.task.precision, self.device):
+            for row in rows:
+                mine = tokens[at : at + len(row["options"])]
+                at += len(row["options"])
+                states = shared_prompt_states(self.base, self.task.frozen_layers, mine)
+                sequences += [{"inputs_embeds": st, "input_ids": ids, "start": start} for st, (ids, start) in zip(states, mine)]
+        return sequences
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
+        from transformers import DataCollatorForSeq2Seq
+
+        from moslora.compare.classification import pad_states
+        from moslora.train.data import IGNORE_INDEX
+
+        if self.task.frozen_layers:
+            return lambda batch: pad_states(batch, label_pad=IGNORE_INDEX)
+        return DataCollatorForSeq2Seq(self.tokenizer, pad_to_multiple_of=8, padding=True, return_tensors="pt")
+
+    def build(self, method: str, seed: int, r: int) -> torch.nn.Module:
+        torch.manual_seed(seed)  # A (then M) are drawn from it, the same A for every method
+        model = inject(copy.deepcopy(self.base), method_config(self.task, method, r))
+        model.config.use_cache = False  # training only; generation turns its cache on itself
+        if self.task.frozen_layers:
+            frozen = {name for name, _ in adapter_layers(model) if layer_index(name) is not None and layer_index(name) < self.task.frozen_layers}
+            if frozen:
+                raise ValueError(f"task {self.task.name}: target_modules adapt {sorted(frozen)[0]} (and {len(frozen) - 1} more) "
+                                 f"below frozen_layers={self.task.frozen_layers}, whose output is cached")
+        return model
+
+    def training_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the Trainer trains: the model itself, or (frozen bottom) the same model fed the cached states."""
+        return TopOfCausalLM(model, self.task.frozen_layers) if self.task.frozen_layers else model
+
+    def score(self, model: torch.nn.Module, split: str) -> dict[str, Any]:
+        from moslora.eval.evaluate import evaluate, pick_options
+
+        task = self.task
+        if split in self.scoring_cache:  # choice scoring from the frozen bottom's cached states
+            rows = getattr(task, split)
+            was_training = model.training
+            model.eval()
+            try:
+                with autocast(task.precision, self.device):
+                    flat = TopOfCausalLM(model, task.frozen_layers).continuation_scores(self.scoring_cache[split], task.eval_batch_size)
+            finally:
+                model.train(was_training)
+            answers = [p["extracted"] for p in pick_options([r["options"] for r in rows], flat)]
+            correct = sum(a == r["answer"] for a, r in zip(answers, rows))
+            return {"metric": "accuracy", "value": correct / len(rows), "no_answer": 0, "answers": answers}
+        with autocast(task.precision, self.device):
+            result = evaluate(model, self.tokenizer, getattr(task, split), task.dataset, scoring=task.scoring,
+                              batch_size=task.eval_batch_size, max_new_tokens=task.max_new_tokens)
+        return {"metric": "accuracy", "value": result["accuracy"], "no_answer": result["no_answer"],
+                "answers": [example["extracted"] for example in result["examples"]]}
+
+
+def _quietly(load: Callable[[], Any]) -> Any:
+    """``load()`` without its progress bars (transformers' GGUF dequantization draws one on stderr
+    with plain tqdm for every load); what it printed is shown if it fails."""
+    import contextlib
+    import io
+    import sys
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return load()
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
