@@ -4,7 +4,6 @@ generation works for causal LMs."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re

@@ -17,10 +17,12 @@ def read_yaml_mapping(
     allowed: Collection[str] | Callable[[dict[str, Any]], Collection[str]],
     *,
     what: str = "file",
+    empty_ok: bool = False,
 ) -> dict[str, Any]:
     """The mapping in the YAML file ``path``. ``allowed`` is the set of keys it may have, or a
     function of the mapping that returns it (when one key, such as ``kind``, decides the others).
-    ``what`` names the file in errors ("task file", "recipe")."""
+    ``what`` names the file in errors ("task file", "recipe"); ``empty_ok`` reads an empty file as
+    an empty mapping (a recipe that keeps every default)."""
     import yaml
 
     path = Path(path)
@@ -30,6 +32,8 @@ def read_yaml_mapping(
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ValueError(f"{what} {path} is not valid YAML: {e}") from None
+    if data is None and empty_ok:
+        data = {}
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} must be a YAML mapping of fields, got {type(data).__name__}")
     known = allowed(data) if callable(allowed) else allowed

@@ -12,10 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from moslora.config import MIXERS, MoSLoRAConfig
+from moslora.io.yaml_mapping import read_yaml_mapping
 
 METHODS = ("moslora", "lora")
 QUANTIZE = (None, "4bit")
@@ -161,23 +161,7 @@ def load_recipe(path: str | os.PathLike | None = None, *, cls: type = Recipe, **
     """
     values: dict[str, Any] = {}
     if path is not None:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ValueError(f"recipe {path} must be a YAML mapping of field: value, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"recipe {path}: unknown key {key!r}; known keys are {sorted(known)}")
-        values.update(data)
+        values.update(read_yaml_mapping(path, {f.name for f in dataclasses.fields(cls)}, what="recipe", empty_ok=True))
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return cls(**values)
