@@ -197,3 +197,16 @@ def test_sdxl_pipeline_trains_with_its_extra_conditioning_and_both_generate_path
     lora = generate(adapted_pipeline(str(tiny), result.output_dir, mode="lora"), [PROMPT], **kwargs)
     merged = generate(adapted_pipeline(str(tiny), result.output_dir, mode="merged"), [PROMPT], **kwargs)
     np.testing.assert_allclose(np.stack(lora), np.stack(merged), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_training_after_a_bf16_trainer_in_the_same_process_gets_the_recipes_precision(tiny, tmp_path):
+    # A transformers Trainer with bf16 on CPU (moslora compare's siqa, a user's notebook) leaves
+    # accelerate's process-wide state at bf16; DreamBooth in fp32 must still train, in fp32.
+    from accelerate import Accelerator
+
+    assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
+    recipe = DreamBoothRecipe(model=str(tiny), instance_prompt=PROMPT, resolution=16, max_steps=1, batch_size=2, precision="fp32")
+    result = train_dreambooth(data=write_subject(tmp_path / "subject", n=2), output=tmp_path / "run", recipe=recipe)
+    assert result.metrics["steps"] == 1 and np.isfinite(result.metrics["train_loss"])
+    assert Accelerator().mixed_precision == "no"

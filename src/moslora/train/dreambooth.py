@@ -173,6 +173,7 @@ def train_dreambooth(
     win over it. Returns where things went and the final metrics.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -182,6 +183,10 @@ def train_dreambooth(
     out = Path(recipe.output)
     images = instance_images(recipe.data)
 
+    # A transformers Trainer (or an Accelerator made earlier in this process) leaves accelerate's
+    # process-wide state set with its own precision, and a new Accelerator then refuses the recipe's.
+    # Forget that state (the process group, if any, stays) so this run gets the precision it asks for.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(gradient_accumulation_steps=recipe.gradient_accumulation_steps(int(os.environ.get("WORLD_SIZE", 1))),
                               mixed_precision=mixed_precision(recipe.precision))
     set_seed(recipe.seed)  # before inject: A and M are drawn from it
