@@ -504,7 +504,7 @@ def test_quick_uses_the_middle_of_the_tasks_grid_and_two_seeds(task_file, tmp_pa
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["lrs"] == [3e-3] and results["settings"]["validation_seeds"] == []
     assert results["settings"]["seeds"] == [0, 1] and results["task"]["steps"] == 1
-    assert results["command"].endswith("--lrs 0.003 --validation-seeds 1 --quick --output " + str(out))
+    assert results["command"].endswith("--lrs 0.003 --validation-seeds 2 --quick --output " + str(out))
 
 
 def test_per_method_learning_rates_skip_the_search(task_file, tmp_path):

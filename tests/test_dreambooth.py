@@ -204,7 +204,9 @@ def test_training_after_a_bf16_trainer_in_the_same_process_gets_the_recipes_prec
     # A transformers Trainer with bf16 on CPU (moslora compare's siqa, a user's notebook) leaves
     # accelerate's process-wide state at bf16; DreamBooth in fp32 must still train, in fp32.
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state()  # as in a fresh process whose first Accelerator is a bf16 Trainer's
     assert Accelerator(mixed_precision="bf16", cpu=True).mixed_precision == "bf16"
     recipe = DreamBoothRecipe(model=str(tiny), instance_prompt=PROMPT, resolution=16, max_steps=1, batch_size=2, precision="fp32")
     result = train_dreambooth(data=write_subject(tmp_path / "subject", n=2), output=tmp_path / "run", recipe=recipe)

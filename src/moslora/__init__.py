@@ -68,4 +68,5 @@ __all__ = [
     "save_adapter_groups",
     "unload",
     "unmerge",
+    "__version__",
 ]

@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "with --quick the task's quick rate, no search); or one rate per method, e.g. lora=3e-3,moslora=1e-2 "
         "(no search: rates picked by an earlier run)",
     )
-    p.add_argument("--validation-seeds", type=int, default=1, help="seeds per learning rate in the search (default: %(default)s)")
+    p.add_argument("--validation-seeds", type=int, default=2, help="seeds per learning rate in the search (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run instead of the task's own (warm-up scales along)")
     p.add_argument("--quick", action="store_true", help="the task's quick budget (fewer steps, smaller splits), 2 seeds, no LR search")
     p.add_argument("--output", default="compare-results", help="folder for results.json, results.md, results.png (default: %(default)s)")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from moslora.compare.methods import method_config
-from moslora.compare.task import Budget
+from moslora.compare.task import Budget, majority_share
 from moslora.model.inject import inject
 
 # Adapters on every attention projection and feed-forward linear of a BERT-style encoder
@@ -76,7 +76,7 @@ class ClassificationTask(Budget):
 
     def chance(self) -> float:
         """The accuracy of always answering the test split's most frequent label."""
-        return max(self.test.labels.count(k) for k in set(self.test.labels)) / len(self.test)
+        return majority_share(self.test.labels)
 
     def prepare(self) -> "EncodedTask":
         return EncodedTask(self)

@@ -27,7 +27,7 @@ from torch import nn
 
 from moslora.compare.classification import accuracy
 from moslora.compare.methods import method_config
-from moslora.compare.task import Budget, package_dir
+from moslora.compare.task import Budget, majority_share, package_dir
 from moslora.model.inject import inject
 
 # 1×1 convolutions of the blocks above the frozen ones (renumbered from 0) and the head conv.
@@ -81,7 +81,7 @@ class ImageTask(Budget):
 
     def chance(self) -> float:
         """The accuracy of always answering the test split's most frequent label."""
-        return max(self.test.labels.count(k) for k in set(self.test.labels)) / len(self.test)
+        return majority_share(self.test.labels)
 
     def prepare(self) -> "ImageData":
         return ImageData(self)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from moslora.compare.methods import BASELINE, METHODS, method_config
+from moslora.compare.methods import BASELINE, method_config
 from moslora.model.inject import get_config
 from moslora.model.ops import parameter_counts
 
@@ -204,7 +204,7 @@ def run_comparison(
     seeds: int,
     r: int,
     lrs: list[float] | dict[str, float],
-    validation_seeds: int = 1,
+    validation_seeds: int = 2,
     on_run: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     prepared: Any = None,

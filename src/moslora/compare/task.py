@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
+def majority_share(labels: list[int]) -> float:
+    """The accuracy of always answering the most frequent of ``labels`` (a classifier's chance level)."""
+    return max(labels.count(k) for k in set(labels)) / len(labels)
+
+
 class Budget:
     """The step budget and its cuts, shared by every task kind."""
 

@@ -36,10 +36,10 @@ from moslora.io.load import load_adapter
 from moslora.io.native import CONFIG_NAME
 from moslora.model.ops import merge_and_unload
 from moslora.train.data import prompt as alpaca_prompt
+from moslora.train.dreambooth import DIFFUSERS_DIR  # where `moslora train --task dreambooth` puts the export
 from moslora.train.model import load_model
 
 MODES = ("lora", "merged")
-DIFFUSERS_DIR = "diffusers_lora"  # where ``moslora train --task dreambooth`` puts the export
 KINDS = ("causal-lm", "diffusers")
 TEMPLATES = ("alpaca", "chat", "raw")
 SUPPORTED = ("moslora generate supports causal LMs (a …ForCausalLM folder or Hub id, or a .gguf file) for text, "
