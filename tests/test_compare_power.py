@@ -70,6 +70,10 @@ def test_the_summary_says_what_the_numbers_do_and_do_not_show():
     assert second.startswith("moslora is below LoRA by 2.00 points (95% CI [") and "says nothing about other settings" in second
     same = _results({"lora": [0.60, 0.62], "moslora": [0.59, 0.61]})
     assert report.verdict(same)[1] == "moslora − LoRA = -1.00 points on each of the 2 paired seeds (no spread, so no interval)."
+    # 0.40 − 0.42 and 0.42 − 0.44 differ by round-off only (a real siqa --quick run): still no spread.
+    rounded = _results({"lora": [0.42, 0.44], "moslora": [0.40, 0.42]})
+    assert report.verdict(rounded)[1] == "moslora − LoRA = -2.00 points on each of the 2 paired seeds (no spread, so no interval)."
+    assert paired([0.40, 0.42], [0.42, 0.44])["t_pvalue"] is None
 
     flat = _results({"lora": [0.35, 0.34], "moslora": [0.35, 0.30]}, untrained=0.335)
     assert "barely learns the task" in report.verdict(flat)[0]

@@ -23,6 +23,9 @@ from typing import Sequence
 from scipy import stats
 
 
+SAME_DIFFERENCE = 1e-9  # paired differences closer than this are equal (float round-off)
+
+
 def describe(values: Sequence[float]) -> dict[str, float | int | None]:
     """n, mean and sample standard deviation (ddof 1) of one method's metric over seeds."""
     n = len(values)
@@ -38,6 +41,10 @@ def paired(method: Sequence[float], baseline: Sequence[float], confidence: float
     diffs = [m - b for m, b in zip(method, baseline)]
     n = len(diffs)
     summary = describe(diffs)
+    if summary["std"] is not None and summary["std"] < SAME_DIFFERENCE:
+        # Equal differences on every seed (accuracies are multiples of 1/n, so 0.42 − 0.44 and
+        # 0.40 − 0.42 differ only by round-off): no spread, hence no interval and no test.
+        summary["std"] = 0.0
     result: dict[str, float | int | None] = {
         "n": n,
         "mean_diff": summary["mean"],
