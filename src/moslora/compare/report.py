@@ -229,6 +229,9 @@ def text_table(results: dict[str, Any]) -> str:
     return "\n".join(out + [""] + _caption(results) + ["", "In short:"] + [f"  {sentence}" for sentence in verdict(results)])
 
 
+LEGEND_SEEDS = 8  # the per-seed legend is drawn up to this many seeds
+
+
 def figure(results: dict[str, Any], path: str | Path) -> None:
     """Left: test accuracy of every seed under every method, one line per seed joining its runs (the
     pairs). Right: mean training-loss curve of each method over the test seeds."""
@@ -256,7 +259,8 @@ def figure(results: dict[str, Any], path: str | Path) -> None:
     left.set_xticks(range(len(methods)), methods, rotation=15)
     left.set_ylabel("test accuracy (%)")
     left.set_title("per seed (lines join a seed's paired runs; bars: means)")
-    left.legend(fontsize=7, loc="best")
+    if len(seeds) <= LEGEND_SEEDS:  # beyond that a legend would cover the points it names
+        left.legend(fontsize=7, loc="best")
     for i, method in enumerate(methods):
         curves = [run["curve"] for run in results["runs"] if run["split"] == "test" and run["method"] == method]
         if not curves or not curves[0]["step"]:

@@ -1,7 +1,7 @@
 """The built-in SIQA tasks: the paper's Social IQa commonsense questions (BIG-bench ``social_iqa``,
 1,954 questions with 3 options, 4 with 2) on SmolLM2-135M-Instruct.
 
-- ``siqa`` (choice text, the variant that learns at a CPU budget): the question is asked without
+- ``siqa`` (choice text, the usual way small models are scored): the question is asked without
   its options, the response trained on is the gold option's **text**, and scoring picks the option
   with the highest mean log-probability per token as the response (``scoring: choice``).
 - ``siqa-labels`` (the paper's label format, as commonsense_170k writes social_i_qa): the same
@@ -118,9 +118,10 @@ def siqa_task() -> InstructionTask:
     validation and test rows. 170 steps of 8 rows: one pass over the 1,354 training questions.
     Scored by the mean log-probability per token of each option as the response.
 
-    Measured on the two shared CPU cores of the development machine (load about 5): the cache took
-    24 minutes for 640 training rows and 120 validation rows, a step about 2–3 s. Untrained, 44.2% on
-    120 validation rows; after 80 steps on 640 rows LoRA reached 45.8% (lr 3e-3) and 44.2% (1e-3).
+    Measured on two free CPU cores: the cache of the 1,354 training rows and the 150 validation
+    rows' options took 137 s, a step 0.4 s, scoring the validation rows 19 s. At this budget the
+    model does not learn SIQA: 42.7% on validation untrained, 42.7% (lr 3e-3) and 43.3% (1e-2) after
+    170 steps, 41.3% after 340 (see ``docs/compare.md``).
     """
     return _siqa(
         "siqa",
