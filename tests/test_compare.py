@@ -255,8 +255,8 @@ def test_compare_end_to_end_writes_json_markdown_and_figure(task_file, tmp_path)
     assert results["command"].startswith("moslora compare --task ")
     search = [run for run in results["runs"] if run["split"] == "validation"]
     test = [run for run in results["runs"] if run["split"] == "test"]
-    assert len(search) == 3 * 2 and len(test) == 3 * 2
-    assert {run["seed"] for run in test} == {0, 1} and {run["seed"] for run in search} == {1000}
+    assert len(search) == 3 * 2 * 2 and len(test) == 3 * 2  # methods × rates × 2 validation seeds (the default)
+    assert {run["seed"] for run in test} == {0, 1} and {run["seed"] for run in search} == {1000, 1001}
     for run in test:
         assert run["lr"] == results["picked_lr"][run["method"]]
         assert 0.0 <= run["value"] <= 1.0 and run["curve"]["step"] == [2, 4]
@@ -433,7 +433,7 @@ def test_compare_end_to_end_on_an_instruction_task(instruction_task_file, tmp_pa
 
     out = tmp_path / "out"
     assert main(["compare", "--task", str(instruction_task_file), "--methods", "lora,moslora", "--seeds", "2", "--r", "4",
-                 "--output", str(out), "--no-progress"]) == 0
+                 "--validation-seeds", "1", "--output", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["lrs"] == [1e-3, 1e-2]  # the task file's grid
     assert results["task"]["kind"] == "instruction" and results["task"]["scoring"] == "generate"
