@@ -30,13 +30,13 @@ import torch
 
 from moslora.eval.evaluate import generate_responses
 from moslora.io.atomic import atomic_write
+from moslora.io.diffusers_format import DIFFUSERS_DIR
 from moslora.io.diffusers_format import WEIGHTS_NAME as DIFFUSERS_WEIGHTS
 from moslora.io.export import export_lora
 from moslora.io.load import load_adapter
 from moslora.io.native import CONFIG_NAME
 from moslora.model.ops import merge_and_unload
 from moslora.train.data import prompt as alpaca_prompt
-from moslora.train.dreambooth import DIFFUSERS_DIR  # where `moslora train --task dreambooth` puts the export
 from moslora.train.model import load_model
 
 MODES = ("lora", "merged")

@@ -26,6 +26,9 @@ from moslora.model.description import AdapterDescription
 from moslora.version import __version__
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# The folder inside a training run's output where `moslora train --task dreambooth` writes this export
+# and where `moslora generate` looks for it.
+DIFFUSERS_DIR = "diffusers_lora"
 
 
 def write_diffusers(directory: str | os.PathLike, description: AdapterDescription, tensors: dict[str, torch.Tensor], *, prefix: str = "unet") -> Path:

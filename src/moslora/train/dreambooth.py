@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from moslora.hf.trainer import TRAINING_ARGS_JSON, NonFiniteLossError
 from moslora.io.atomic import atomic_write_json
+from moslora.io.diffusers_format import DIFFUSERS_DIR
 from moslora.io.export import export_lora
 from moslora.io.native import save_adapter
 from moslora.model.inject import inject
@@ -42,7 +43,6 @@ from moslora.train.recipe import RecipeBase, resolve_recipe
 from moslora.train.report import plot_loss_curve
 from moslora.train.run import LOSS_CURVE_PNG, METRICS_JSON
 
-DIFFUSERS_DIR = "diffusers_lora"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
