@@ -79,6 +79,21 @@ def test_save_and_load_round_trip_exactly(kind, mixer, tmp_path):
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_weight_and_bias_read_as_the_frozen_base_layers(kind):
+    """Code outside moslora reads a layer's weight directly (TRL's fused LM head, transformers'
+    embedding getters); the wrapper answers with its base layer's own tensors, as PEFT's does."""
+    base, model, _ = injected(kind, "kaiming")
+    perturb(model)
+    layer = model[0]
+    assert layer.weight is layer.base_layer.weight and torch.equal(layer.weight, base[0].weight)
+    if kind == "embedding":
+        with pytest.raises(AttributeError):
+            layer.bias
+    else:
+        assert layer.bias is layer.base_layer.bias
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_disabled_gives_the_base_output_even_when_merged(kind):
     base, model, x = injected(kind, "kaiming")
     perturb(model)

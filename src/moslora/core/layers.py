@@ -109,6 +109,20 @@ class MoSLoRALayer(nn.Module):
         """ΔW as (out, in, …) rearranged to the base weight's own layout."""
         return delta
 
+    # ----- the wrapped layer's own tensors -------------------------------------------------------
+    # Code outside moslora reads a layer's weight directly (TRL's fused LM head reads
+    # ``lm_head.weight``, transformers reads ``get_input_embeddings().weight``); as PEFT's
+    # BaseTunerLayer does, the wrapper answers with the frozen base layer's tensors.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's (frozen) weight, without ΔW."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
     # ----- the formula, once ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from moslora.core.layers import MoSLoRALayer
 from moslora.core.weights import check_mergeable, dense_copy
 from moslora.model.inject import adapter_layers, parent_of, saved_module_names, unload
 from moslora.model.sharded import numel
@@ -80,6 +81,8 @@ def merge_and_unload(model: nn.Module, *, safe: bool = True, dequantize: bool = 
 
 def _dequantize_layers(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
+        if isinstance(module, MoSLoRALayer):  # its weight is its base layer's, which is visited next
+            continue
         dense = dense_copy(module)
         if dense is not None:
             parent, attr = parent_of(model, name)
