@@ -98,7 +98,8 @@ class AdapterOffReference(nn.Module):
 
     # TRL gives every reference it is handed a fused LM head by replacing that reference's forward
     # on the instance (add_fused_lm_head). The policy has one already, with the same temperature,
-    # so a call runs this class's forward whatever the instance holds.
+    # so a call runs this class's forward whatever the instance holds. The module's own hooks are
+    # skipped with it: an engine's, registered on this module, would only fetch the placeholder.
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return AdapterOffReference.forward(self, *args, **kwargs)
 
