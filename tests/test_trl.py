@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 TARGETS = ["q_proj", "v_proj"]
 PROMPT = "Please answer the following question with true or false, question: is apple a fruit?"
 # Step-1 numbers TRL logs, compared between runs (lr = 0, so the logged step is the starting model).
-LOGGED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+LOGGED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")  # kl: KTO's
 
 
 @pytest.fixture(scope="module")
