@@ -5,7 +5,8 @@
 
 Variants, each in a fresh process (same data, same seed, MoSLoRA r=8 on q_proj and v_proj):
 - ``adapter-off``: ``adapter_trainer(trl.DPOTrainer)`` given no ``ref_model``: the reference is the
-  policy with its adapters off (moslora's :class:`~moslora.hf.AdapterOffReference`);
+  policy as training started, here with a fresh adapter: its adapters off (moslora's
+  :class:`~moslora.hf.InitialPolicyReference`);
 - ``second-copy``: the same trainer given a second load of the base as ``ref_model``, which is what
   TRL loads by itself for a model that is not a PEFT model (from ``config._name_or_path``; for this
   GGUF file it cannot, so the benchmark loads it the way the policy was loaded);

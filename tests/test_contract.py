@@ -40,6 +40,24 @@ def test_merged_equals_unmerged_and_unmerge_restores(kind, mixer):
 
 
 @pytest.mark.parametrize("kind,mixer", CASES)
+def test_as_it_started_runs_a_frozen_copy_of_the_starting_adapter(kind, mixer):
+    from moslora.model.ops import as_it_started, keep_starting_adapter
+
+    base, model, x = injected(kind, mixer)
+    assert not keep_starting_adapter(model)  # fresh (B = 0): nothing to copy, as it started = adapters off
+    perturb(model)
+    with as_it_started(model):
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    started = model(x).detach()
+    assert keep_starting_adapter(model)
+    perturb(model, std=0.5)  # training moves the live adapter
+    assert not torch.allclose(model(x), started, atol=1e-3)
+    with as_it_started(model):
+        torch.testing.assert_close(model(x), started, rtol=0, atol=0)
+    assert not model[0].run_starting_copy and not torch.allclose(model(x), started, atol=1e-3)  # and back
+
+
+@pytest.mark.parametrize("kind,mixer", CASES)
 def test_merge_and_unload_gives_the_plain_base_module(kind, mixer):
     base, model, x = injected(kind, mixer)
     perturb(model)

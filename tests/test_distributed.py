@@ -8,7 +8,7 @@ in ``recipes/accelerate`` (``DS_ACCELERATOR=cpu``; ZeRO-3 with ``stage3_param_pe
 ``tests/engines/fsdp_on_cpu.py`` (accelerate runs plain DDP when asked for FSDP on CPU; that launcher
 makes the one decision its GPU branch makes), asserting that the adapter really was sharded.
 
-TRL's DPOTrainer with the adapter-off reference (``tests/engines/trl_reference.py``) gives, on
+TRL's DPOTrainer with the initial-policy reference (``tests/engines/trl_reference.py``) gives, on
 ZeRO-2, ZeRO-3 and FSDP2, the single process's step-1 numbers, with and without precomputed
 reference log-probabilities (refused, when the trainer is built, under ZeRO-3).
 """
@@ -161,7 +161,7 @@ def test_a_non_finite_loss_stops_every_process_before_the_weights_change(engine,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["deepspeed-zero2", "deepspeed-zero3", "fsdp2"])
-def test_trl_dpo_with_the_adapter_off_reference_gives_the_single_process_numbers(engine, tiny, tmp_path):
+def test_trl_dpo_with_the_initial_policy_reference_gives_the_single_process_numbers(engine, tiny, tmp_path):
     """Every row of the data is the same pair, so each process's batch is the single process's batch."""
     if engine.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
@@ -183,7 +183,7 @@ def test_trl_dpo_with_the_adapter_off_reference_gives_the_single_process_numbers
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["adapter_off_reference"]  # inside the engine's wrapper
+    assert result["initial_policy_reference"]  # inside the engine's wrapper
     assert result["engine"] == ("fsdp" if engine == "fsdp2" else "deepspeed")
     assert result["sharding"] == {"deepspeed-zero3": "zero3", "fsdp2": "fsdp2"}.get(engine)  # really sharded
     for name in ("plain", "precompute"):

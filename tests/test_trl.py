@@ -1,9 +1,10 @@
 """TRL's trainers on the native route (``moslora.inject`` + ``adapter_trainer``) with PEFT's semantics.
 
-The reference of DPO, KTO, GRPO and RLOO is the policy with its adapters off: checked against PEFT
-itself (``mixer=None`` and the same A, B give the same step-1 loss, rewards and log-probabilities),
-against ln 2 / 0.5 and zero rewards from a fresh adapter after SFT was merged in, and against the
-base model's own log-probabilities; never a second model. RewardTrainer trains and saves the new
+The reference of DPO, KTO, GRPO and RLOO is the policy as training started (a fresh adapter off, a
+trained one frozen as it was): checked against PEFT itself (TRL handed a PEFT model with the same
+trained A and B gives the same step-1 loss, rewards and log-probabilities), against ln 2 / 0.5 and
+zero rewards after SFT (continued or merged in), and against the log-probabilities of the starting
+policy, computed directly, while the policy moves away from it; never a second model. RewardTrainer trains and saves the new
 ``score`` head, which reloads exactly and exports to a PEFT adapter that stock PEFT loads. What
 cannot have these semantics is refused when the trainer is built, naming the module or trainer.
 """
@@ -20,7 +21,7 @@ import torch
 import moslora
 from llm_fixtures import build_tiny_llama
 from moslora.hf import adapter_trainer
-from moslora.hf.reference import AdapterOffReference
+from moslora.hf.reference import InitialPolicyReference
 from tiny import perturb
 
 trl = pytest.importorskip("trl")
@@ -92,30 +93,24 @@ def copy_adapter_into_peft(theirs, ours) -> None:
 # ----- the reference: PEFT as the oracle ------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dpo", "kto"])
-def test_the_reference_is_the_policy_with_its_adapters_off_as_peft_gives_it(kind, tiny, tokenizer, tmp_path, monkeypatch):
-    """A trained (non-zero) adapter on a model built in memory: moslora's step-1 numbers equal PEFT's
-    for its new-adapter route (reference = adapters disabled), with and without precomputed reference
-    log-probs, and no second model is loaded."""
+def test_from_a_trained_adapter_the_reference_is_the_starting_policy_as_peft_gives_it(kind, tiny, tokenizer, tmp_path, monkeypatch):
+    """A trained (non-zero) adapter on a model built in memory: moslora's step-1 numbers equal TRL's
+    for a PEFT model handed in with the same trained A and B (TRL then keeps a frozen copy of that
+    adapter as the reference): loss ln 2 (KTO 0.5), zero rewards, the same log-probabilities; with
+    and without precomputed reference log-probs; no second model is loaded."""
     base = in_memory(tiny)
     torch.manual_seed(0)
     ours = moslora.inject(copy.deepcopy(base), moslora.MoSLoRAConfig(r=4, alpha=8, mixer=None, target_modules=TARGETS))
     perturb(ours, std=0.3)
-    # PEFT's route for a new adapter: TRL adds it from peft_config and disables it for the reference.
-    # Its values are set to ours once TRL has added it, before the (learning-rate 0) step.
+    theirs_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    copy_adapter_into_peft(theirs_model, ours)
     theirs_class = trl.DPOTrainer if kind == "dpo" else trl.KTOTrainer
-
-    class WithOurAdapter(theirs_class):
-        def train(self, *args, **kwargs):
-            copy_adapter_into_peft(self.model, ours)
-            return super().train(*args, **kwargs)
-
-    peft_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
-    _, theirs = step_one(kind, copy.deepcopy(base), tokenizer, tmp_path / "peft", trainer_class=lambda **kw: WithOurAdapter(peft_config=peft_config, **kw))
+    _, theirs = step_one(kind, theirs_model, tokenizer, tmp_path / "peft", trainer_class=theirs_class)
 
     no_second_model(monkeypatch)
     trainer, got = step_one(kind, ours, tokenizer, tmp_path / "ours")
     reference = trainer.ref_model
-    assert isinstance(reference, AdapterOffReference) and reference.policy() is trainer.model
+    assert isinstance(reference, InitialPolicyReference) and reference.policy() is trainer.model and reference.keeps_a_copy
     assert sum(p.numel() for p in reference.parameters()) == 1  # DeepSpeed's placeholder; no weight of the base
     _, precomputed = step_one(kind, ours, tokenizer, tmp_path / "pre", precompute_ref_log_probs=True)
 
@@ -124,7 +119,8 @@ def test_the_reference_is_the_policy_with_its_adapters_off_as_peft_gives_it(kind
     for key in keys:
         assert got[key] == pytest.approx(theirs[key], abs=2e-5), key
         assert precomputed[key] == pytest.approx(got[key], abs=2e-6), key
-    assert max(abs(v) for k, v in got.items() if k.startswith("rewards/chosen")) > 1e-3  # the policy is not its reference
+    assert got["loss"] == pytest.approx(math.log(2) if kind == "dpo" else 0.5, abs=1e-6)
+    assert all(v == 0 for k, v in got.items() if k.startswith("rewards/") and not k.endswith(("accuracies", "count")))
 
 
 @pytest.mark.slow
@@ -159,7 +155,7 @@ def test_an_explicit_ref_model_is_honoured_also_through_a_pass_through_subclass(
     trainer = adapter_trainer(MyDPOTrainer)(model, mine, args, train_dataset=data, processing_class=tokenizer)
     assert trainer.ref_model is mine
     trainer = adapter_trainer(MyDPOTrainer)(model, args=args, train_dataset=data, processing_class=tokenizer)
-    assert isinstance(trainer.ref_model, AdapterOffReference) and trainer.ref_model.policy() is model
+    assert isinstance(trainer.ref_model, InitialPolicyReference) and trainer.ref_model.policy() is model
 
 
 def base_log_probs(base, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,18 +167,20 @@ def base_log_probs(base, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["GRPOTrainer", "RLOOTrainer"])
-def test_grpo_and_rloo_with_a_kl_term_score_against_the_base_without_a_copy(name, tiny, tokenizer, tmp_path, monkeypatch):
-    """GRPO and RLOO take no reference model: with beta > 0 they get the adapter-off policy, and the
-    reference log-probabilities they use are the base model's own, token for token."""
-    base = in_memory(tiny)
-    model = moslora.inject(copy.deepcopy(base), moslora.MoSLoRAConfig(r=4, alpha=8, target_modules=TARGETS))
+def test_grpo_and_rloo_with_a_kl_term_score_against_the_starting_policy_without_a_copy(name, tiny, tokenizer, tmp_path, monkeypatch):
+    """GRPO and RLOO take no reference model: with beta > 0 they get the policy as training started.
+    From a trained adapter, the reference log-probabilities of the second step are the starting
+    policy's own, token for token, though the policy has moved by then."""
+    model = moslora.inject(in_memory(tiny), moslora.MoSLoRAConfig(r=4, alpha=8, target_modules=TARGETS))
     perturb(model, std=0.3)
+    start = copy.deepcopy(model)
     no_second_model(monkeypatch)
     captured = {}
 
     class Capture(adapter_trainer(getattr(trl, name))):
         def _generate_and_score_completions(self, inputs):
             output = super()._generate_and_score_completions(inputs)
+            captured.clear()
             captured.update(output)
             if "ref_per_token_logps" not in output:  # RLOO folds the reference into the rewards: recompute it as it does
                 ids = torch.cat([output["prompt_ids"], output["completion_ids"]], 1)
@@ -192,30 +190,31 @@ def test_grpo_and_rloo_with_a_kl_term_score_against_the_base_without_a_copy(name
             return output
 
     config_class = getattr(trl, name.replace("Trainer", "Config"))
-    args = config_class(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
-                        beta=0.1, learning_rate=0.0, report_to="none", use_cpu=True, bf16=False, logging_steps=1, disable_tqdm=True,
+    args = config_class(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+                        beta=0.1, learning_rate=5e-2, report_to="none", use_cpu=True, bf16=False, logging_steps=1, disable_tqdm=True,
                         save_strategy="no", seed=0)
     trainer = Capture(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions], args=args,
-                      train_dataset=Dataset.from_dict({"prompt": [PROMPT] * 4}), processing_class=tokenizer)
-    assert args.beta == trainer.args.beta == trainer.beta == 0.1 and isinstance(trainer.ref_model, AdapterOffReference)
+                      train_dataset=Dataset.from_dict({"prompt": [PROMPT] * 8}), processing_class=tokenizer)
+    assert args.beta == trainer.args.beta == trainer.beta == 0.1 and isinstance(trainer.ref_model, InitialPolicyReference)
     trainer.train()
     ids = torch.cat([captured["prompt_ids"], captured["completion_ids"]], 1)
     mask = torch.cat([captured["prompt_mask"], captured["completion_mask"]], 1)
     n = captured["completion_ids"].shape[1]
     keep = captured["completion_mask"].bool()
-    expected = base_log_probs(base, ids, mask, n)
+    expected = base_log_probs(start, ids, mask, n)
     torch.testing.assert_close(captured["ref_per_token_logps"][keep], expected[keep], rtol=0, atol=1e-5)
     policy = base_log_probs(trainer.model, ids, mask, n)
-    assert (policy - expected)[keep].abs().max() > 1e-3  # the policy differs from its reference
-    assert trainer.state.log_history[0]["kl"] > 0
+    assert (policy - expected)[keep].abs().max() > 1e-3  # the policy has moved away from its reference
+    with moslora.disabled(start):
+        assert (base_log_probs(start, ids, mask, n) - expected)[keep].abs().max() > 1e-3  # and the reference is not the base
 
 
 # ----- refused when the trainer is built ---------------------------------------------------------------------
-def test_sync_ref_model_and_modules_to_save_are_refused_with_the_adapter_off_reference(tiny, tokenizer, tmp_path):
+def test_sync_ref_model_and_modules_to_save_are_refused_with_the_initial_policy_reference(tiny, tokenizer, tmp_path):
     model = moslora.inject(in_memory(tiny), moslora.MoSLoRAConfig(r=4, target_modules=TARGETS))
     data = preference_data("dpo")
     args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, sync_ref_model=True)
-    with pytest.raises(ValueError, match="AdapterDPOTrainer: sync_ref_model=True .* policy itself with its adapters off"):
+    with pytest.raises(ValueError, match="AdapterDPOTrainer: sync_ref_model=True .* policy itself as training started"):
         adapter_trainer(trl.DPOTrainer)(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     args = trl.GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, beta=0.1, sync_ref_model=True)
     with pytest.raises(ValueError, match="AdapterGRPOTrainer: sync_ref_model=True"):

@@ -1,5 +1,5 @@
 """Test-only script: one DPO step at learning rate 0 of the tiny Llama with a trained adapter, the
-reference being the one ``adapter_trainer(trl.DPOTrainer)`` gives (the policy with its adapters off),
+reference being the one ``adapter_trainer(trl.DPOTrainer)`` gives (the policy as training started),
 with and without precomputed reference log-probabilities, under whatever engine launched it.
 
 ``python tests/engines/trl_reference.py TINY_DIR DATA_DIR OUT``: process 0 writes what TRL logged
@@ -46,7 +46,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny.py
     import torch.distributed as dist
 
-    from moslora.hf.reference import AdapterOffReference
+    from moslora.hf.reference import InitialPolicyReference
     from moslora.model.sharded import sharding
 
     tiny, data, out = sys.argv[1:4]
@@ -56,7 +56,7 @@ if __name__ == "__main__":
         if trainer is not None:
             reference = getattr(trainer.ref_model, "module", trainer.ref_model)  # inside DeepSpeed's engine
             result.update(engine=trainer.engine, sharding=sharding(trainer.model_wrapped),
-                          adapter_off_reference=isinstance(reference, AdapterOffReference))
+                          initial_policy_reference=isinstance(reference, InitialPolicyReference))
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps(result))

@@ -1,19 +1,18 @@
-"""TRL's reference model on the native route: the policy with its adapters off, as with PEFT.
+"""TRL's reference model on the native route: the policy as training started, as with PEFT.
 
-DPO, KTO, GRPO (``beta > 0``) and RLOO score the policy against a reference model. For a PEFT
-model with a new adapter, TRL's reference is that model with its adapters disabled; for any other
-model, given no ``ref_model``, it loads a second full copy of the base from
-``config._name_or_path`` (as much memory again as the base, and an ``OSError`` for a model built
-in memory). A model injected with :func:`moslora.inject` is not a PEFT model, so
-:class:`~moslora.hf.AdapterTrainerMixin` gives TRL an :class:`AdapterOffReference` instead: a
-module without weights of its own which, called, runs the trainer's own model under
-``torch.no_grad()`` and :func:`moslora.disabled`. Nothing is loaded or copied.
-
-The reference is the base without the adapter being trained. From a fresh adapter (B = 0) that is
-exactly the model training starts from, so step-1 DPO loss is ln 2 with zero rewards; after SFT,
-merge the SFT adapter in (:func:`moslora.merge_and_unload`) and inject a fresh one for DPO. An
-adapter that is already trained keeps the base as its reference, as PEFT's new-adapter route does
-(TRL, handed a ``PeftModel`` with a trained adapter, instead keeps a frozen copy of that adapter).
+DPO, KTO, GRPO (``beta > 0``) and RLOO score the policy against a reference model. Through PEFT,
+TRL's reference is the policy as the trainer got it: a new adapter (``peft_config=``) switched off,
+or, for a ``PeftModel`` handed in with a trained adapter, a frozen copy of that adapter. For any
+other model, given no ``ref_model``, it loads a second full copy of the base from
+``config._name_or_path`` (as much memory again as the base, an ``OSError`` for a model built in
+memory, and the wrong reference when the policy starts from a trained adapter). A model injected
+with :func:`moslora.inject` is not a PEFT model, so :class:`~moslora.hf.AdapterTrainerMixin` gives
+TRL an :class:`InitialPolicyReference` instead: a module without weights of its own which, called,
+runs the trainer's own model under ``torch.no_grad()`` and :func:`moslora.model.ops.as_it_started`.
+With a fresh adapter (every B zero) that is the model with its adapters off; with a trained one
+(SFT, then DPO on the same adapter) every layer runs a frozen copy of the adapter as the trainer
+got it (:func:`~moslora.model.ops.keep_starting_adapter`: the adapter's size, never the base's).
+Either way step-1 DPO loss is ln 2 with zero rewards, and nothing of the base is loaded or copied.
 
 How a TRL trainer receives it (:func:`reference_route`): DPO and KTO take it as their ``ref_model``;
 GRPO and RLOO take no reference, so they are built with ``beta = 0`` (which makes TRL build none)
@@ -49,7 +48,7 @@ from torch import nn
 from moslora.core.layers import MoSLoRALayer
 from moslora.model.full_state import full_state_expected
 from moslora.model.inject import adapter_layers, saved_module_names
-from moslora.model.ops import disabled
+from moslora.model.ops import as_it_started, keep_starting_adapter
 from moslora.model.sharded import unwrap
 
 ARGUMENT = "ref_model"  # the trainer takes ref_model=; without one it loads a copy of the base
@@ -67,20 +66,23 @@ _BEMA = "moves its reference's weights towards the policy's as it trains (BEMA)"
 _FUSED_LM_HEAD = {"SFTTrainer", "DPOTrainer", "KTOTrainer", "GRPOTrainer", "RLOOTrainer", "AsyncGRPOTrainer"}
 
 
-class AdapterOffReference(nn.Module):
-    """TRL's reference model as PEFT has it: the trainer's own model with its adapters off.
+class InitialPolicyReference(nn.Module):
+    """TRL's reference model as PEFT has it: the trainer's own model as training started.
 
-    It holds no weight of the model and no copy; calling it calls ``trainer.model`` (as the trainer
-    holds it at that moment, an engine's wrapper included) inside ``torch.no_grad()`` and
-    :func:`moslora.disabled`, so on every engine it runs what the policy runs, minus ΔW.
+    It holds no weight of the model and no copy of the base; calling it calls ``trainer.model`` (as
+    the trainer holds it at that moment, an engine's wrapper included) inside ``torch.no_grad()``
+    and :func:`moslora.model.ops.as_it_started`, so on every engine it runs what the policy runs,
+    with the adapter it started from (or none, for a fresh one). Made when the trainer is built,
+    it takes that starting copy then (on every process: collective on a sharded adapter).
     """
 
-    def __init__(self, trainer: Any) -> None:
+    def __init__(self, trainer: Any, model: nn.Module) -> None:
         super().__init__()
         self._trainer = weakref.ref(trainer)  # the trainer holds this module: no reference cycle
         # DeepSpeed's engine, which TRL wraps a reference in, needs a module with a parameter; this
         # frozen zero is never read.
         self.placeholder = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.keeps_a_copy = keep_starting_adapter(model)
 
     def policy(self) -> nn.Module:
         """The model being trained, as the trainer holds it now."""
@@ -93,7 +95,7 @@ class AdapterOffReference(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         policy = self.policy()
-        with torch.no_grad(), disabled(policy):
+        with torch.no_grad(), as_it_started(policy):
             return policy(*args, **kwargs)
 
     # TRL gives every reference it is handed a fused LM head by replacing that reference's forward
@@ -101,17 +103,24 @@ class AdapterOffReference(nn.Module):
     # so a call runs this class's forward whatever the instance holds. The module's own hooks are
     # skipped with it: an engine's, registered on this module, would only fetch the placeholder.
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return AdapterOffReference.forward(self, *args, **kwargs)
+        return InitialPolicyReference.forward(self, *args, **kwargs)
 
     def state_dict(self, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """The reference's weights: the policy's state without its adapter's tensors. TRL keys its
-        cache of precomputed reference log-probabilities by a hash of this, so a different base never
-        reuses another's."""
+        """The reference's weights: the policy's state without the adapter being trained, with the
+        starting copy in its place when there is one. TRL keys its cache of precomputed reference
+        log-probabilities by a hash of this, so a different base or starting adapter never reuses
+        another's."""
         policy = unwrap(self.policy())
-        adapter = {f"{name}.{attr}" for name, layer in adapter_layers(policy) for attr, _ in layer.adapter_parameters()}
+        live = {f"{name}.{attr}" for name, layer in adapter_layers(policy) for attr, _ in layer.adapter_parameters()}
         with full_state_expected():
             state = policy.state_dict(keep_vars=keep_vars)
-        return OrderedDict((key, value) for key, value in state.items() if key not in adapter)
+        state = OrderedDict((key, value) for key, value in state.items() if key not in live)
+        for name, layer in adapter_layers(policy):
+            if layer.starting_copy is not None:
+                for attr, tensor in zip(("lora_A", "lora_M", "lora_B"), layer.starting_copy):
+                    if tensor is not None:
+                        state[f"{name}.starting_{attr}"] = tensor
+        return state
 
 
 def init_signature(trainer_class: type) -> inspect.Signature:
@@ -133,7 +142,7 @@ def _trl_classes(trainer_class: type) -> list[type]:
 
 
 def reference_route(trainer_class: type) -> tuple[str | None, str | None]:
-    """``(route, refusal)`` for ``trainer_class``: how it receives the adapter-off reference
+    """``(route, refusal)`` for ``trainer_class``: how it receives the initial-policy reference
     (:data:`ARGUMENT`, :data:`AFTER`, or ``None`` for a trainer without a reference model), or why
     it cannot (a TRL trainer listed in the module docstring; it may still be given a ``ref_model``)."""
     classes = _trl_classes(trainer_class)
@@ -161,31 +170,31 @@ def fsdp_version(args: Any) -> int | None:
 
 
 def check_reference(trainer_name: str, model: nn.Module, args: Any) -> None:
-    """Refuse what the adapter-off reference cannot be: a reference that ``sync_ref_model`` moves,
+    """Refuse what the initial-policy reference cannot be: a reference that ``sync_ref_model`` moves,
     one whose ``modules_to_save`` train in place, and the two engine set-ups it is not tested on."""
     deepspeed = getattr(args, "deepspeed_plugin", None)
     if deepspeed is not None and deepspeed.zero_stage == 3 and getattr(args, "precompute_ref_log_probs", False):
         raise ValueError(
             f"{trainer_name}: precompute_ref_log_probs=True under DeepSpeed ZeRO-3 would run the policy before DeepSpeed "
-            "has partitioned it, which TRL's ZeRO-3 log-probabilities cannot read. The adapter-off reference costs no "
-            "memory: set precompute_ref_log_probs=False, or use ZeRO-2"
+            "has partitioned it, which TRL's ZeRO-3 log-probabilities cannot read. The initial-policy reference costs no "
+            "copy of the base: set precompute_ref_log_probs=False, or use ZeRO-2"
         )
     if fsdp_version(args) == 1:
         raise ValueError(
-            f"{trainer_name}: the adapter-off reference is not supported under FSDP1: TRL wraps a reference in FSDP1 by its "
+            f"{trainer_name}: the initial-policy reference is not supported under FSDP1: TRL wraps a reference in FSDP1 by its "
             "decoder layers, which this reference (no weights of its own) does not have, and accelerate runs FSDP1 on GPUs "
             "only, where moslora cannot test it. Use FSDP2 (fsdp_version: 2) or DeepSpeed, or pass a ref_model= of your own"
         )
     if getattr(args, "sync_ref_model", False):
         raise ValueError(
             f"{trainer_name}: sync_ref_model=True moves a separate reference model towards the policy, but the reference "
-            "here is the policy itself with its adapters off (as with PEFT, which refuses this too). Set sync_ref_model=False, "
+            "here is the policy itself as training started (as with PEFT, which refuses this too). Set sync_ref_model=False, "
             "or pass a ref_model= of your own to synchronise"
         )
     saved = saved_module_names(unwrap(model))
     if saved:
         raise ValueError(
-            f"{trainer_name}: the reference is this model with its adapters off, but modules_to_save {saved} train in place, "
+            f"{trainer_name}: the reference is this model as training started, but modules_to_save {saved} train in place, "
             "so the reference would change with them. Pass a ref_model= of your own, or train without modules_to_save "
             "(moslora.MoSLoRAConfig(modules_to_save=[]))"
         )
