@@ -40,6 +40,24 @@ def test_merged_equals_unmerged_and_unmerge_restores(kind, mixer):
 
 
 @pytest.mark.parametrize("kind,mixer", CASES)
+def test_as_it_started_runs_a_frozen_copy_of_the_starting_adapter(kind, mixer):
+    from moslora.model.ops import as_it_started, keep_starting_adapter
+
+    base, model, x = injected(kind, mixer)
+    assert not keep_starting_adapter(model)  # fresh (B = 0): nothing to copy, as it started = adapters off
+    perturb(model)
+    with as_it_started(model):
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    started = model(x).detach()
+    assert keep_starting_adapter(model)
+    perturb(model, std=0.5)  # training moves the live adapter
+    assert not torch.allclose(model(x), started, atol=1e-3)
+    with as_it_started(model):
+        torch.testing.assert_close(model(x), started, rtol=0, atol=0)
+    assert not model[0].run_starting_copy and not torch.allclose(model(x), started, atol=1e-3)  # and back
+
+
+@pytest.mark.parametrize("kind,mixer", CASES)
 def test_merge_and_unload_gives_the_plain_base_module(kind, mixer):
     base, model, x = injected(kind, mixer)
     perturb(model)
@@ -76,6 +94,21 @@ def test_save_and_load_round_trip_exactly(kind, mixer, tmp_path):
     for (_, a), (_, b) in zip(moslora.adapter_state_dict(model).items(), moslora.adapter_state_dict(loaded).items()):
         assert torch.equal(a, b)
     assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_weight_and_bias_read_as_the_frozen_base_layers(kind):
+    """Code outside moslora reads a layer's weight directly (TRL's fused LM head, transformers'
+    embedding getters); the wrapper answers with its base layer's own tensors, as PEFT's does."""
+    base, model, _ = injected(kind, "kaiming")
+    perturb(model)
+    layer = model[0]
+    assert layer.weight is layer.base_layer.weight and torch.equal(layer.weight, base[0].weight)
+    if kind == "embedding":
+        with pytest.raises(AttributeError):
+            layer.bias
+    else:
+        assert layer.bias is layer.base_layer.bias
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)

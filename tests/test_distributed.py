@@ -7,6 +7,10 @@ in ``recipes/accelerate`` (``DS_ACCELERATOR=cpu``; ZeRO-3 with ``stage3_param_pe
 0`` so even these tiny tensors are partitioned); FSDP2 through ``accelerate launch`` and
 ``tests/engines/fsdp_on_cpu.py`` (accelerate runs plain DDP when asked for FSDP on CPU; that launcher
 makes the one decision its GPU branch makes), asserting that the adapter really was sharded.
+
+TRL's DPOTrainer with the initial-policy reference (``tests/engines/trl_reference.py``) gives, on
+ZeRO-2, ZeRO-3 and FSDP2, the single process's step-1 numbers, with and without precomputed
+reference log-probabilities (refused, when the trainer is built, under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -153,3 +157,39 @@ def test_a_non_finite_loss_stops_every_process_before_the_weights_change(engine,
     assert not (out / "adapter_model.safetensors").exists()
     assert not (out / "checkpoint-2").exists()
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-1" / "adapter_model.safetensors").values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["deepspeed-zero2", "deepspeed-zero3", "fsdp2"])
+def test_trl_dpo_with_the_initial_policy_reference_gives_the_single_process_numbers(engine, tiny, tmp_path):
+    """Every row of the data is the same pair, so each process's batch is the single process's batch."""
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from engines.trl_reference import dpo_step
+
+    Dataset.from_dict({"prompt": ["is apple a fruit?"] * 8, "chosen": [" the correct answer is true"] * 8,
+                       "rejected": [" the correct answer is false"] * 8}).save_to_disk(tmp_path / "data")
+    _, single = dpo_step(str(tiny), str(tmp_path / "data"), str(tmp_path / "single"), precompute=False)
+
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(_cpu_config(engine, tmp_path))]
+    if engine == "fsdp2":
+        launcher.append(str(REPO / "tests" / "engines" / "fsdp_on_cpu.py"))
+    script = REPO / "tests" / "engines" / "trl_reference.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([*launcher, str(script), str(tiny), str(tmp_path / "data"), str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["initial_policy_reference"]  # inside the engine's wrapper
+    assert result["engine"] == ("fsdp" if engine == "fsdp2" else "deepspeed")
+    assert result["sharding"] == {"deepspeed-zero3": "zero3", "fsdp2": "fsdp2"}.get(engine)  # really sharded
+    for name in ("plain", "precompute"):
+        if name == "precompute" and engine == "deepspeed-zero3":
+            assert "precompute_ref_log_probs=True under DeepSpeed ZeRO-3" in result[name]["refused"]
+            continue
+        assert result[name].keys() == single.keys() and len(single) == 5
+        for key, value in single.items():
+            assert result[name][key] == pytest.approx(value, abs=1e-6), (name, key)

@@ -47,7 +47,10 @@ class MoSLoRAConfig:
         adapter_dtype: ``"float32"`` keeps adapters in fp32 whatever the base dtype; ``"base"``
             uses the base weight's dtype when it is a floating type.
         modules_to_save: modules (same matching as a target list) that train fully and are
-            saved with the adapter, e.g. a new classification head.
+            saved with the adapter, e.g. a new classification head. ``None`` (the default) means
+            a transformers classification model's task head (``score`` or ``classifier``), which
+            ``from_pretrained`` newly initialises, as PEFT's ``SEQ_CLS`` and ``TOKEN_CLS`` do, and
+            nothing for other models; ``[]`` means none, the head included.
     """
 
     r: int = 8

@@ -52,6 +52,9 @@ class MoSLoRALayer(nn.Module):
         scaling: s.
         merged: ΔW is currently added into ``base_layer``'s weight.
         disabled: the adapter is skipped (see :func:`moslora.disabled`).
+        starting_copy: a frozen copy ``(A, M, B)`` of the adapter as it was when training started,
+            or ``None`` (see :func:`moslora.model.ops.keep_starting_adapter`).
+        run_starting_copy: forward runs ``starting_copy`` instead of the adapter being trained.
     """
 
     kind: str = ""
@@ -77,6 +80,9 @@ class MoSLoRALayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.merged = False
         self.disabled = False
+        # Plain attributes, not parameters or buffers: no engine shards, broadcasts or saves them.
+        self.starting_copy: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+        self.run_starting_copy = False
 
     # ----- what a layer kind must say ------------------------------------------------------------
     @staticmethod
@@ -97,9 +103,9 @@ class MoSLoRALayer(nn.Module):
         shapes["lora_B"] = (cls.features(base_layer)[1], config.r)
         return shapes
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
+    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         """A applied to the (dropped-out) input: the r-dimensional activations."""
-        return F.linear(x, self.lora_A)
+        return F.linear(x, A)
 
     def _mix(self, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """A matrix (M or B) applied along the feature axis of the activations."""
@@ -109,23 +115,38 @@ class MoSLoRALayer(nn.Module):
         """ΔW as (out, in, …) rearranged to the base weight's own layout."""
         return delta
 
+    # ----- the wrapped layer's own tensors -------------------------------------------------------
+    # Code outside moslora reads a layer's weight directly (TRL's fused LM head reads
+    # ``lm_head.weight``, transformers reads ``get_input_embeddings().weight``); as PEFT's
+    # BaseTunerLayer does, the wrapper answers with the frozen base layer's tensors.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's (frozen) weight, without ΔW."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
     # ----- the formula, once ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or self.disabled:
             return result
-        h = self._down(self._adapter_input(x))
-        if self.lora_M is not None:
-            h = self._mix(h, self.lora_M)
-        return self._add_update(result, h)
+        A, M, B = self.starting_copy if self.run_starting_copy else (self.lora_A, self.lora_M, self.lora_B)
+        h = self._down(self._adapter_input(x), A)
+        if M is not None:
+            h = self._mix(h, M)
+        return self._add_update(result, h, B)
 
-    def _add_update(self, result: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def _add_update(self, result: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``result + s·B·h``. With features last and matching dtypes this is one ``addmm`` (s as
         its alpha), which never materializes B·h on its own; otherwise s is applied on the r-sized side."""
         if self.features_last and result.dtype == h.dtype:
-            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.T, alpha=self.scaling)
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), B.T, alpha=self.scaling)
             return flat.view(result.shape)
-        return result + self._mix(h * self.scaling, self.lora_B).to(result.dtype)
+        return result + self._mix(h * self.scaling, B).to(result.dtype)
 
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.lora_A.dtype:
@@ -213,9 +234,9 @@ class MoSLoRAConv(MoSLoRALayer):
     def a_shape(cls, base_layer: nn.Module, r: int) -> tuple[int, ...]:
         return (r, base_layer.in_channels, *base_layer.kernel_size)
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
+    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         # The base's own _conv_forward applies its stride, padding, padding_mode and dilation.
-        return self.base_layer._conv_forward(x, self.lora_A, None)
+        return self.base_layer._conv_forward(x, A, None)
 
     def _mix(self, h: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         n = len(self.base_layer.kernel_size)
@@ -235,9 +256,9 @@ class MoSLoRAEmbedding(MoSLoRALayer):
     def _adapter_input(self, x: torch.Tensor) -> torch.Tensor:
         return x  # token ids: no dropout, no cast
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
+    def _down(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        return F.embedding(x, self.lora_A.T, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
+        return F.embedding(x, A.T, padding_idx=base.padding_idx, scale_grad_by_freq=base.scale_grad_by_freq)
 
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T

@@ -20,7 +20,10 @@ What it changes, under one process, DDP, FSDP1/FSDP2 and DeepSpeed ZeRO-1/2/3 al
   gradients to itself; where gradients are visible they are checked before the optimizer step too),
   raising :class:`NonFiniteLossError` that names the step and the last good checkpoint;
 - parameter counts are taken when the trainer is made, before an engine shards the model;
-- a quantized base (bitsandbytes, GGUF-dequantized) is accepted.
+- a quantized base (bitsandbytes, GGUF-dequantized) is accepted;
+- TRL's DPO, KTO, GRPO and RLOO trainers, given no ``ref_model``, get the policy as training
+  started as their reference, as with PEFT, instead of loading a second copy of the base; what
+  cannot have that reference is refused when the trainer is built (:mod:`moslora.hf.reference`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from moslora.hf import state as ckpt
+from moslora.hf.reference import (AFTER, ARGUMENT, InitialPolicyReference, check_output_layer, check_reference, init_signature,
+                                  reference_route)
 from moslora.io.atomic import atomic_write_json
 from moslora.io.groups import MANIFEST_NAME, read_adapter_groups, save_adapter_groups
 from moslora.io.native import read_adapter, save_adapter
@@ -59,7 +64,9 @@ class AdapterTrainerMixin:
     :func:`moslora.inject` (or :func:`moslora.inject_groups`) on any engine; see the module
     docstring. ``parameter_counts`` holds the model's counts (:func:`moslora.parameter_counts`);
     ``base_model_name_or_path`` (keyword only) is recorded in the saved adapters instead of the
-    model's ``config.name_or_path``."""
+    model's ``config.name_or_path``. A TRL trainer that takes or builds a reference model and is
+    given no ``ref_model`` gets :class:`~moslora.hf.reference.InitialPolicyReference` as its
+    ``ref_model`` (``self.ref_model``)."""
 
     def __init__(self, model: torch.nn.Module, *args: Any, base_model_name_or_path: str | None = None, **kwargs: Any) -> None:
         self.base_model_name_or_path = base_model_name_or_path
@@ -67,17 +74,54 @@ class AdapterTrainerMixin:
             raise TypeError(f"{type(self).__name__} trains a model with MoSLoRA adapters: call moslora.inject(model, config) "
                             f"and pass the model itself (got {type(model).__name__})")
         self.parameter_counts = parameter_counts(unwrap(model))
+        check_output_layer(type(self), model)
+        call = init_signature(type(self)).bind_partial(model, *args, **kwargs)
+        reference, beta = self._initial_policy_reference(model, call.arguments)
         # Trainer refuses a quantized model unless transformers' PEFT flag says adapters are
         # attached. Ours are; raise the flag for that check only.
         flag = getattr(model, "is_quantized", False) and "_hf_peft_config_loaded" not in vars(model)
         if flag:
             model._hf_peft_config_loaded = True
         try:
-            super().__init__(model, *args, **kwargs)
+            super().__init__(*call.args, **call.kwargs)
         finally:
             if flag:
                 del model._hf_peft_config_loaded
+            if beta is not None:
+                call.arguments["args"].beta = beta
+        if beta is not None:
+            self.beta, self.ref_model, self.args.beta = beta, reference, beta
         self.add_callback(_GradientGuard(self))
+
+    def _initial_policy_reference(self, model: torch.nn.Module, arguments: dict[str, Any]) -> tuple[InitialPolicyReference | None, float | None]:
+        """Give a TRL trainer the initial-policy reference where it would otherwise build a copy of the
+        base (see :mod:`moslora.hf.reference`), changing ``arguments`` in place. Returns the reference
+        (``None`` when there is none to give) and, for a trainer that takes no reference (GRPO, RLOO),
+        its ``beta``: ``arguments["args"].beta`` is 0 for its construction and is then put back."""
+        name = type(self).__name__
+        route, refusal = reference_route(type(self))
+        if arguments.get(ARGUMENT) is not None:  # the caller's own reference
+            return None, None
+        if refusal is not None:
+            takes_one = ARGUMENT in init_signature(type(self)).parameters
+            raise ValueError(f"{name} {refusal}, so moslora cannot give it the policy as training started as its reference. "
+                             + ("Pass a ref_model= of your own, or use" if takes_one else "Use")
+                             + " trl.DPOTrainer, KTOTrainer, GRPOTrainer or RLOOTrainer, which moslora gives that reference")
+        args = arguments.get("args")
+        if route == ARGUMENT:
+            check_reference(name, model, args)
+            arguments[ARGUMENT] = InitialPolicyReference(self, model)
+            return arguments[ARGUMENT], None
+        if route == AFTER:
+            if args is None:
+                raise TypeError(f"{name}: pass args= (its config) so that moslora can give it the initial-policy reference; "
+                                "with args=None TRL builds a config whose beta may load a second copy of the base")
+            if args.beta == 0:
+                return None, None
+            check_reference(name, model, args)
+            beta, args.beta = args.beta, 0.0  # TRL builds no reference with beta = 0
+            return InitialPolicyReference(self, model), beta
+        return None, None
 
     # ----- the guard ------------------------------------------------------------------------------
     def _guarded(self) -> bool:

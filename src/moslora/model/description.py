@@ -20,13 +20,9 @@ from torch import nn
 
 from moslora.config import MoSLoRAConfig
 from moslora.core.layers import MoSLoRALayer
-from moslora.model.inject import adapter_layers, get_config, saved_module_names
+from moslora.model.inject import adapter_layers, get_config, peft_task_type, saved_module_names
 from moslora.model.sharded import clean_name, layer_shapes
 
-# PEFT's task_type by the model class's name: it picks the PeftModel class (and lets
-# AutoPeftModelFor… load an exported adapter).
-_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-               "ForTokenClassification": "TOKEN_CLS"}
 # Refuse configs whose rank could only be a mistake or an attack, before anything is allocated.
 MAX_RANK = 65536
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -112,5 +108,5 @@ def describe_adapter(model: nn.Module, *, base_model_name_or_path: str | None = 
         modules={clean_name(name): LayerDescription.of(layer) for name, layer in adapter_layers(model)},
         modules_to_save=tuple(clean_name(name) for name in saved_module_names(model)),
         base_model_name_or_path=base_model_name_or_path,
-        task_type=next((t for suffix, t in _TASK_TYPES.items() if type(model).__name__.endswith(suffix)), None),
+        task_type=peft_task_type(model),
     )

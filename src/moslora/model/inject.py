@@ -13,6 +13,13 @@ from moslora.core.layers import SUPPORTED_KINDS, MoSLoRALayer, is_linear_kind, l
 from moslora.model.full_state import watch_full_state
 
 CONFIG_ATTR = "_moslora_config"
+# PEFT's task_type by the model class's name: it picks the PeftModel class (and lets
+# AutoPeftModelFor… load an exported adapter).
+TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
+              "ForTokenClassification": "TOKEN_CLS"}
+# The heads PEFT trains fully and saves with the adapter for a task (its SEQ_CLS and TOKEN_CLS
+# modules_to_save): a classification model made from a base checkpoint gets them newly initialised.
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score")}
 
 
 def matches(name: str, patterns: list[str] | str) -> bool:
@@ -36,9 +43,21 @@ def get_config(model: nn.Module) -> MoSLoRAConfig:
     return config
 
 
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's ``task_type`` of a transformers model, from its class name (``None`` when unknown)."""
+    return next((t for suffix, t in TASK_TYPES.items() if type(model).__name__.endswith(suffix)), None)
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """The task heads of a classification model that PEFT trains and saves whole (``classifier``,
+    ``score``: the top-level ones it has); ``[]`` for any other model."""
+    children = dict(model.named_children())
+    return [name for name in _TASK_HEADS.get(peft_task_type(model), ()) if name in children]
+
+
 def find_targets(model: nn.Module, config: MoSLoRAConfig) -> list[str]:
     """Names of the modules ``config`` targets, in model order. Raises ``ValueError`` if none match."""
-    output_head = _output_head(model)
+    output_heads = {id(m) for m in [_output_head(model), *(model.get_submodule(n) for n in task_heads(model))] if m is not None}
     names = []
     for name, module in model.named_modules():
         if not name or isinstance(module, MoSLoRALayer):
@@ -46,7 +65,7 @@ def find_targets(model: nn.Module, config: MoSLoRAConfig) -> list[str]:
         if config.exclude_modules is not None and matches(name, config.exclude_modules):
             continue
         if config.target_modules == ALL_LINEAR:
-            if module is output_head or not is_linear_kind(module):
+            if id(module) in output_heads or not is_linear_kind(module):
                 continue
         elif not matches(name, config.target_modules):
             continue
@@ -71,6 +90,11 @@ def inject(model: nn.Module, config: MoSLoRAConfig) -> nn.Module:
     A is drawn for every layer before any mixer, so for a given seed A is the same with or without
     a mixer: runs that differ only in the mixer start from the same subspaces.
 
+    With ``config.modules_to_save=None`` a classification model's task head (``score`` or
+    ``classifier``, see :func:`task_heads`) trains fully and is saved with the adapter, as with
+    PEFT's ``SEQ_CLS``; the model's config (:func:`get_config`) then names it. ``modules_to_save=[]``
+    keeps it frozen.
+
     Returns ``model`` (now with adapters) for chaining.
     """
     if not isinstance(config, MoSLoRAConfig):
@@ -82,6 +106,10 @@ def inject(model: nn.Module, config: MoSLoRAConfig) -> nn.Module:
             "call moslora.unload or moslora.merge_and_unload before injecting again"
         )
     targets = find_targets(model, config)
+    if config.modules_to_save is None:
+        heads = [h for h in task_heads(model) if not any(h == t or h.startswith(t + ".") for t in targets)]
+        if heads:
+            config = config.replace(modules_to_save=heads)
     saved = _modules_to_save(model, config)
     for param in model.parameters():
         param.requires_grad_(False)

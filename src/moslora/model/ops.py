@@ -12,9 +12,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from moslora.core.layers import MoSLoRALayer
 from moslora.core.weights import check_mergeable, dense_copy
 from moslora.model.inject import adapter_layers, parent_of, saved_module_names, unload
-from moslora.model.sharded import numel
+from moslora.model.sharded import clean_name, gather_adapter, numel, unwrap
 
 
 def _layers_or_raise(model: nn.Module):
@@ -80,6 +81,8 @@ def merge_and_unload(model: nn.Module, *, safe: bool = True, dequantize: bool = 
 
 def _dequantize_layers(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
+        if isinstance(module, MoSLoRALayer):  # its weight is its base layer's, which is visited next
+            continue
         dense = dense_copy(module)
         if dense is not None:
             parent, attr = parent_of(model, name)
@@ -133,6 +136,42 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer.disabled = False
             if merged:
                 layer.merge()
+
+
+def keep_starting_adapter(model: nn.Module) -> bool:
+    """Keep in every adapter layer a frozen copy of its adapter (A, M, B) as it is now, for
+    :func:`as_it_started`: a trainer's reference model is the policy as training started, also when
+    it starts from a trained adapter. Collective where an engine shards the adapter (call it on
+    every process). Returns ``False`` and keeps nothing when every B is zero: the model with its
+    adapters off is then that same model, without a copy."""
+    tensors = gather_adapter(model)
+    if not any(t.any() for key, t in tensors.items() if key.endswith(".lora_B")):
+        return False
+    for name, layer in adapter_layers(unwrap(model)):
+        key, device = clean_name(name), layer.lora_B.device
+        A, M, B = (tensors.get(f"{key}.{attr}") for attr in ("lora_A", "lora_M", "lora_B"))
+        layer.starting_copy = (A.to(device), None if M is None else M.to(device), B.to(device))
+    return True
+
+
+@contextlib.contextmanager
+def as_it_started(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the model as it was when :func:`keep_starting_adapter` was called: inside the block
+    every layer runs its frozen starting copy, or, with none (a fresh adapter), is skipped."""
+    layers = [layer for _, layer in _layers_or_raise(model)]
+    if all(layer.starting_copy is None for layer in layers):
+        with disabled(model):
+            yield model
+        return
+    if any(layer.merged for layer in layers):
+        raise ValueError("the adapters are merged: unmerge them before running the model as it started")
+    for layer in layers:
+        layer.run_starting_copy = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.run_starting_copy = False
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -39,8 +39,9 @@ def place_adapter(
 
     saved = list(description.modules_to_save)
     if not already:
-        # Exact names: the adapter lands on the very layers it was trained on.
-        inject(model, config.replace(target_modules=list(description.modules), exclude_modules=None, modules_to_save=saved or None))
+        # Exact names: the adapter lands on the very layers it was trained on, and exactly the modules
+        # it carries whole train fully ([] when none: a classification model's head stays as it is).
+        inject(model, config.replace(target_modules=list(description.modules), exclude_modules=None, modules_to_save=saved))
     with torch.no_grad():
         for name, layer in adapter_layers(model):
             for attr, param in layer.adapter_parameters():
