@@ -454,3 +454,83 @@ def test_bitsandbytes_layers_get_the_mixer_and_equal_peft_s_bitsandbytes_lora(bi
         model.merge_adapter()
         twin.merge_adapter()
         torch.testing.assert_close(model(x), twin(x), atol=1e-4, rtol=1e-4)
+
+
+# ----- moslora's own tools read the PEFT route's folders; conversions are exact ----------------------
+def native_tensors(model):
+    return {name: p.detach() for name, p in moslora.adapter_state_dict(model).items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_route_and_native_formats_convert_exactly_both_ways(tmp_path, arch):
+    base = MAKE[arch]()
+    route = ours(base, "orthogonal")
+    route.save_pretrained(tmp_path / "route")
+    # PEFT route → native: moslora.load_adapter places A, M, B bit for bit
+    native = moslora.load_adapter(copy.deepcopy(base), tmp_path / "route")
+    assert moslora.get_config(native).mixer == "orthogonal"
+    for name, layer in layers_of(route).items():
+        mine = dict(moslora.adapter_layers(native))[name]
+        for attr in ("lora_A", "lora_M", "lora_B"):
+            assert torch.equal(getattr(mine, attr), getattr(layer, attr)["default"].weight), (name, attr)
+    torch.testing.assert_close(logits(native), logits(route), atol=1e-5, rtol=1e-5)
+    # native → PEFT route: the folder PEFT wrote, tensor for tensor
+    moslora.save_adapter(native, tmp_path / "native")
+    moslora.export_lora(tmp_path / "native", tmp_path / "back", format="peft-mixer")
+    written, original = load_file(tmp_path / "back" / "adapter_model.safetensors"), load_file(tmp_path / "route" / "adapter_model.safetensors")
+    assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in original)
+    config = json.loads((tmp_path / "back" / "adapter_config.json").read_text())
+    assert config["peft_type"] == PEFT_ROUTE_TYPE and config["mixer"] == "orthogonal"
+    reloaded = mp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back")
+    torch.testing.assert_close(logits(reloaded), logits(route), atol=0, rtol=0)
+
+
+def test_a_native_model_exports_to_the_peft_route_and_trains_on_there(tmp_path):
+    base = tiny_llama()
+    native = moslora.inject(copy.deepcopy(base), moslora.MoSLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "up_proj"], mixer="identity"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in moslora.adapter_state_dict(native).items():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    moslora.export_lora(native, tmp_path, format="peft-mixer")
+    route = mp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    torch.testing.assert_close(logits(route), logits(native), atol=1e-5, rtol=1e-5)
+    assert route.peft_config["default"].mixer == "identity"
+    expected = native_tensors(native)
+    for name, layer in layers_of(route).items():
+        assert torch.equal(layer.lora_M["default"].weight, expected[f"{name}.lora_M"])
+
+
+def test_the_peft_route_keeps_mixers_on_linear_layers_only():
+    from moslora.model.description import AdapterFormatError
+
+    native = moslora.inject(tiny_llama(), moslora.MoSLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(AdapterFormatError, match="'model.embed_tokens' is of kind 'embedding'.*format 'peft'"):
+        moslora.export_lora(native, "unused", format="peft-mixer")
+
+
+def test_moslora_export_writes_a_plain_lora_copy_that_stock_peft_loads_exactly(tmp_path):
+    from moslora.cli.main import main
+
+    base = tiny_llama()
+    route = ours(base)
+    route.save_pretrained(tmp_path / "route")
+    assert main(["export", str(tmp_path / "route"), str(tmp_path / "plain")]) == 0
+    stock = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain")
+    torch.testing.assert_close(logits(stock), logits(route), atol=1e-5, rtol=1e-5)
+
+
+def test_moslora_export_merged_reads_a_peft_route_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from llm_fixtures import build_tiny_llama
+    from moslora.cli.main import main
+
+    folder = build_tiny_llama(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(folder).eval()
+    route = ours(base, target_modules=["q_proj", "v_proj"])
+    route.save_pretrained(tmp_path / "route")
+    assert main(["export", str(tmp_path / "route"), str(tmp_path / "merged"), "--merged"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, base.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(merged, ids), logits(route, ids), atol=1e-5, rtol=1e-5)

@@ -291,7 +291,7 @@ def export_peft_mixer(
     for name, layer in description.modules.items():
         if layer.kind not in _PEFT_ROUTE_KINDS:
             raise AdapterFormatError(
-                f"layer {name!r} is a {layer.kind} layer; the PEFT route gives a mixer to linear layers only "
+                f"layer {name!r} is of kind {layer.kind!r}; the PEFT route gives a mixer to linear layers only "
                 f"({', '.join(_PEFT_ROUTE_KINDS)}). Export it as plain LoRA (format 'peft'), which folds the mixer exactly"
             )
     out = peft_tensors(description, tensors, keep_mixer=True)
