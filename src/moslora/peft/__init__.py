@@ -28,7 +28,7 @@ try:
     _found = f"found peft {_installed('peft')}"
 except _NotFound:
     _found = "peft is not installed"
-if not _found.startswith("found") or _installed("peft") not in _SpecifierSet(PEFT_VERSIONS):
+if not _found.startswith("found") or not _SpecifierSet(PEFT_VERSIONS).contains(_installed("peft"), prereleases=True):
     raise ImportError(f"moslora.peft needs peft{PEFT_VERSIONS} (the versions it is tested with); {_found}: pip install 'peft{PEFT_VERSIONS}'")
 
 from moslora.peft.config import LoraConfig  # noqa: E402  (after the version check, which must run first)

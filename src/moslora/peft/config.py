@@ -39,6 +39,9 @@ class _Lineage:
     def __deepcopy__(self, memo: dict) -> "_Lineage":
         return _Lineage()
 
+    def __reduce__(self) -> tuple:
+        return _Lineage, ()  # a pickled config, like a deep copy, starts its own lineage
+
 
 @dataclass
 class LoraConfig(peft.LoraConfig):

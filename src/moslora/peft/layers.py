@@ -77,9 +77,9 @@ class MixerLayer:
         return {**super().lora_variants, ("mixer",): MixerVariant}
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: Any, **kwargs: Any) -> None:
-        check_adapter_config(self, adapter_name, config, kwargs.get("target_name"))
         if "lora_M" not in self._modules:
             self.lora_M = nn.ModuleDict()
+        check_adapter_config(self, adapter_name, config, kwargs.get("target_name"))
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
