@@ -24,6 +24,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -98,6 +99,9 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time steps by wall clock, or by this process's CPU time (steadier on a busy shared machine)")
     p.add_argument("--dpo-seq", type=int, default=64, help="max_length of the DPO runs")
     p.add_argument("--_reference-probe", dest="_reference_probe", help=argparse.SUPPRESS)
     p.add_argument("--r", type=int, default=8, help=argparse.SUPPRESS)
@@ -105,15 +109,18 @@ def main() -> None:
     if args._reference_probe:
         reference_probe(args._reference_probe, args.r, args.dpo_seq)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# moslora.peft benchmarks: cpu, float32, {torch.get_num_threads()} threads, torch {torch.__version__}")
     if args.only in (None, "train"):
         torch.manual_seed(0)
         base = build_base("llama-small", torch.float32, "cpu")
         ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq))
-        print(f"\nllama-small, batch {args.batch}×{args.seq}, median of {args.reps} after {args.warmup} warm-up")
+        print(f"\nllama-small, batch {args.batch}×{args.seq}, median of {args.reps} after {args.warmup} warm-up, {args.clock} clock")
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
         for r in [int(x) for x in args.ranks.split(",")]:
             models = {v: route_variant(base, v, r) for v in TRAIN_VARIANTS}
-            medians = interleaved_medians({v: train_step_fn(m, ids) for v, m in models.items()}, args.reps, args.warmup, lambda: None)
+            medians = interleaved_medians({v: train_step_fn(m, ids) for v, m in models.items()}, args.reps, args.warmup, lambda: None, clock)
             print(f"\n### training step (forward + backward + AdamW), r={r}\n\n| variant | median ms | × peft-lora |\n|---|---:|---:|")
             for variant, seconds in medians.items():
                 print(f"| {variant} | {seconds * 1e3:.2f} | {seconds / medians['peft-lora']:.3f} |")

@@ -283,6 +283,9 @@ def test_load_adapter_refuses_what_it_cannot_load_and_leaves_the_model_as_it_was
         mp.load_adapter(model, tmp_path, "second")
     assert set(model.peft_config) == {"default"}
     assert model.state_dict().keys() == before.keys()
+    with pytest.raises(ValueError, match="already has an adapter 'default'"):
+        mp.load_adapter(model, tmp_path, "default")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 def test_a_stock_peft_config_on_moslora_layers_is_refused_by_name():
@@ -381,11 +384,14 @@ def test_peft_s_own_add_weighted_adapter_is_refused_on_a_model_with_mixers():
 
 
 def test_a_new_adapter_from_the_same_config_object_is_allowed_and_gets_its_own_mixer():
+    import dataclasses
+
     config = mp.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"])
     model = get_peft_model(tiny_llama(), config)
     model.add_adapter("second", config)  # as TRL does for its "ref" adapter
     layer = next(iter(layers_of(model).values()))
     assert not torch.equal(layer.lora_M["default"].weight, layer.lora_M["second"].weight)
+    get_peft_model(tiny_llama(), dataclasses.replace(config, r=2))  # a copy on a model without mixers is a config like any
 
 
 # ----- what cannot get a mixer --------------------------------------------------------------------

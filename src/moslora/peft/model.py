@@ -1,4 +1,4 @@
-"""Loading and combining PEFT-route adapters, with PEFT's own machinery and two checks PEFT leaves out.
+"""Loading and combining PEFT-route adapters: PEFT's own machinery, and the checks it leaves out.
 
 - Loading (:meth:`PeftModel.from_pretrained`, :func:`load_adapter`) reads the config with
   :class:`moslora.peft.LoraConfig` (stock PEFT refuses a MoSLoRA folder's ``peft_type``), lets PEFT load
@@ -55,6 +55,8 @@ def load_adapter(model: peft.PeftModel, model_id: str | os.PathLike, adapter_nam
     """Add the adapter saved in ``model_id`` (MoSLoRA or plain LoRA) to ``model`` as ``adapter_name``:
     PEFT's ``model.load_adapter`` (same arguments), with the config read by :class:`LoraConfig` and every
     tensor checked. On error the model is left as it was. Returns ``model``."""
+    if adapter_name in model.peft_config:
+        raise ValueError(f"the model already has an adapter {adapter_name!r}; choose another name, or delete_adapter it first")
     config = read_config(model_id, **kwargs)
     saved = saved_keys(model_id, **kwargs)
     check_file(config, saved, model_id)
