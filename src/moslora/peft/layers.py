@@ -36,6 +36,7 @@ from torch import nn
 from moslora.core.init import init_mixer_
 from moslora.core.layers import delta_weight
 
+
 class MixerVariant(LoraVariant):
     """The mixer as a PEFT LoRA variant. PEFT calls these with the layer as ``module``."""
 
@@ -95,11 +96,11 @@ class Linear(MixerLayer, PeftLinear):
 
 
 def check_adapter_config(layer: LoraLayer, adapter_name: str, config: Any, target_name: str | None) -> None:
-    """Refuse, before the layer changes, an adapter config these layers would run wrongly: PEFT's own
-    ``LoraConfig`` (it has no ``mixer`` field to choose by: any config without one), or a shallow copy of the config another
-    adapter was made with, on a layer that holds a mixer. PEFT's ``add_weighted_adapter`` makes its new
-    adapter from such a copy (``dataclasses.replace``) and then writes its A and B from the other
-    adapters' A and B, which without their mixers would be a different adapter, silently."""
+    """Refuse, before the layer changes, an adapter config these layers would run wrongly: a config
+    without a ``mixer`` field to choose by (PEFT's own ``LoraConfig``), or a shallow copy of the config
+    another adapter was made with, on a layer that holds a mixer. PEFT's ``add_weighted_adapter`` makes
+    its new adapter from such a copy (``dataclasses.replace``) and then writes its A and B from the
+    other adapters' A and B, which without their mixers would be a different adapter, silently."""
     where = f"adapter {adapter_name!r} on {target_name or type(layer.get_base_layer()).__name__!r}"
     if not hasattr(config, "mixer"):
         raise TypeError(
