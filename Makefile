@@ -1,13 +1,19 @@
 # Two entry points for a fresh machine: `make demo` (the main job on its built-in default) and
 # `make test` (the whole suite, as CI runs it). Both build .venv first if it is missing or stale.
 # `make test-fast` is the development loop: every test not marked slow (under a minute on 2 cores).
+# `make test-peft-oldest` runs the PEFT route's tests (moslora.peft) against the oldest PEFT it supports,
+# in its own venv; `make test` covers the newest.
 PYTHON ?= python3
 VENV ?= .venv
 # torch goes in first, on its own, so nothing that depends on it pulls a different (CUDA) build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# The oldest releases moslora.peft supports (its PEFT_VERSIONS, pyproject's hf extra) and a TRL that runs with them.
+PEFT_OLDEST ?= peft==0.20.0
+TRL_OLDEST ?= trl==1.0.0
+OLDEST := .venv-peft-oldest
 
-.PHONY: demo test test-fast install data clean
+.PHONY: demo test test-fast test-peft-oldest install data clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,5 +41,15 @@ test: $(BIN)/.installed data
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
+$(OLDEST)/bin/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install -q --upgrade pip
+	$(OLDEST)/bin/pip install -q "$(TORCH)"
+	$(OLDEST)/bin/pip install -q -e ".[dev,quant]" "$(PEFT_OLDEST)" "$(TRL_OLDEST)"
+	touch $@
+
+test-peft-oldest: $(OLDEST)/bin/.installed
+	$(OLDEST)/bin/python -m pytest -q tests/test_peft_route.py tests/test_peft_route_trl.py
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST)

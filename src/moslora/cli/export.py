@@ -3,6 +3,7 @@ or, with ``--merged``, the base model with the adapter merged in, for serving.
 
 Plain LoRA: the mixer is folded into A (A' = M·A, so B·A' = B·M·A): the result has the same rank
 and loads wherever LoRA does. No base model is loaded; this is tensor work on the adapter file only.
+``--format peft-mixer`` keeps the mixer instead: the PEFT route's folder, for ``moslora.peft``.
 
 ``--merged``: the base causal LM (``--base-model``, default the one SRC records) is loaded, the
 adapter added into its weights, and the plain model saved with ``save_pretrained``:
@@ -22,9 +23,11 @@ from moslora.io.export import FORMATS, export_lora
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export an adapter as plain LoRA (PEFT, vLLM, diffusers) or a merged model",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="adapter directory: native moslora, or the authors' PEFT-style checkpoint (lora_AB)")
+    p.add_argument("src", help="adapter directory: native moslora, a PEFT-route folder (moslora.peft), or the authors' "
+                   "PEFT-style checkpoint (lora_AB)")
     p.add_argument("out", help="output directory")
     p.add_argument("--format", choices=FORMATS, default=None, help="peft: adapter_config.json + adapter_model.safetensors; "
+                   "peft-mixer: the same with the mixer kept, for moslora.peft (linear layers); "
                    "diffusers: pytorch_lora_weights.safetensors (default: peft)")  # fmt: skip
     p.add_argument("--prefix", default=None, help="diffusers pipeline component, e.g. unet or transformer (default: unet)")
     p.add_argument("--base-model", default=None, help="the base model: recorded in the export, or with --merged the one to "
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prefix applies to --format diffusers only")
     out = export_lora(args.src, args.out, fmt, prefix=args.prefix or "unet", base_model_name_or_path=args.base_model,
                       task_type=args.task_type, allow_pickle=args.allow_pickle)
-    print(f"wrote a plain LoRA adapter ({fmt} format) to {out}")
+    what = "a PEFT-route adapter with its mixer, for moslora.peft," if fmt == "peft-mixer" else f"a plain LoRA adapter ({fmt} format)"
+    print(f"wrote {what} to {out}")
     return 0
 
 

@@ -9,8 +9,8 @@ For a frozen layer with weight W0 (out×in)::
 
 MoSLoRA (Wu et al., "Mixture-of-Subspaces in Low-Rank Adaptation", EMNLP 2024, arXiv:2406.11909)
 learns M; LoRA (Hu et al., 2021) is the case without M. The adapter is computed through activations
-(x → A → M → B), never by forming ΔW, and ΔW is built in exactly one place,
-:meth:`MoSLoRALayer.get_delta_weight`, which merge, unmerge and export all use.
+(x → A → M → B), never by forming ΔW, and ΔW is built in exactly one place, :func:`delta_weight`,
+which merge, unmerge and export all use (here and in the PEFT route, :mod:`moslora.peft`).
 
 The wrapper keeps the original module as ``base_layer`` and calls it, so quantized layers
 (bitsandbytes, torchao, optimum-quanto) work unchanged; only merging needs their weights.
@@ -38,6 +38,14 @@ def fold_mixer(A: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
     MoSLoRA adapter: ΔW and export are both built from this."""
     A = A.to(torch.promote_types(A.dtype, torch.float32))  # fp32 at least; fp64 stays fp64
     return A if M is None else (M.to(A.dtype) @ A.flatten(1)).view(A.shape)
+
+
+def delta_weight(A: torch.Tensor, M: torch.Tensor | None, B: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
+    """ΔW = s·B·(M·A) in fp32 (or wider), laid out (out, in, k…) like A's kernel: the one formula for ΔW,
+    used by :meth:`MoSLoRALayer.get_delta_weight` and by the PEFT route's layers (:mod:`moslora.peft`)."""
+    A = fold_mixer(A, M)
+    B = B.to(A.dtype)
+    return (B @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * scaling
 
 
 class MoSLoRALayer(nn.Module):
@@ -154,11 +162,8 @@ class MoSLoRALayer(nn.Module):
         return self.dropout(x) if self.dropout is not None else x
 
     def get_delta_weight(self) -> torch.Tensor:
-        """ΔW = s·B·(M·A) in fp32 (or wider), laid out like ``base_layer.weight``. The only place ΔW is built."""
-        A = fold_mixer(self.lora_A, self.lora_M)
-        B = self.lora_B.to(A.dtype)
-        delta = (B @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * self.scaling
-        return self._to_weight_layout(delta)
+        """ΔW = s·B·(M·A) in fp32 (or wider), laid out like ``base_layer.weight`` (:func:`delta_weight`, the one formula)."""
+        return self._to_weight_layout(delta_weight(self.lora_A, self.lora_M, self.lora_B, self.scaling))
 
     # ----- state --------------------------------------------------------------------------------
     def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -18,11 +18,11 @@ from moslora.config import PEFT_TASK_TYPES
 from moslora.io.diffusers_format import write_diffusers
 from moslora.io.groups import export_groups_peft, is_groups_dir
 from moslora.io.native import adapter_contents, read_adapter
-from moslora.io.peft_format import export_peft, is_peft_dir, read_peft_dir
+from moslora.io.peft_format import export_peft, export_peft_mixer, is_peft_dir, read_peft_dir
 from moslora.model.groups import adapter_groups
 from moslora.model.inject import adapter_layers
 
-FORMATS = ("peft", "diffusers")
+FORMATS = ("peft", "peft-mixer", "diffusers")
 
 
 def export_lora(
@@ -35,7 +35,8 @@ def export_lora(
     task_type: str | None = None,
     allow_pickle: bool = False,
 ) -> Path:
-    """Write ``src``'s adapter to ``out_dir`` as a plain LoRA adapter, exactly equal to it.
+    """Write ``src``'s adapter to ``out_dir`` as a plain LoRA adapter, exactly equal to it (or, with
+    ``format="peft-mixer"``, as the PEFT route's folder, which keeps the mixer).
 
     Args:
         src: a model with MoSLoRA adapters, or an adapter directory (native, or the authors'
@@ -44,7 +45,9 @@ def export_lora(
             becomes one PEFT adapter of the whole model (:func:`moslora.io.groups.export_groups_peft`).
         out_dir: where to write; created if needed.
         format: ``"peft"`` (``adapter_config.json`` + ``adapter_model.safetensors`` for
-            ``PeftModel.from_pretrained``, vLLM, TGI, llama.cpp's converter) or ``"diffusers"``
+            ``PeftModel.from_pretrained``, vLLM, TGI, llama.cpp's converter), ``"peft-mixer"`` (the
+            same files with the mixer kept, for ``moslora.peft.PeftModel.from_pretrained``: training
+            goes on in PEFT or TRL; linear layers only) or ``"diffusers"``
             (``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights``).
         prefix: the diffusers pipeline component the adapter belongs to (``"unet"``,
             ``"transformer"``); only for ``format="diffusers"``.
@@ -86,6 +89,8 @@ def export_lora(
         description = description.replace(task_type=task_type)
     if format == "peft":
         return export_peft(out_dir, description, tensors, base_weights)
+    if format == "peft-mixer":
+        return export_peft_mixer(out_dir, description, tensors, base_weights)
     if base_weights:
         raise ValueError(f"{src} stores base-layer weights of embeddings, which a diffusers LoRA file cannot carry")
     return write_diffusers(out_dir, description, tensors, prefix=prefix)

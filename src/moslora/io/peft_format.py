@@ -11,10 +11,15 @@ name removed) for a module named ``<m>`` in the base model::
     base_model.model.<m>.base_layer.weight    an embedding's base weight (PEFT saves it when it adapts one)
     base_model.model.<m>.lora_AB.weight       r×r mixer: the authors' fork of PEFT 0.10 (``lora_use_mixer: true``)
     base_model.model.<m>.lora_mixer.weight    r×r mixer: the unmerged PEFT pull request's name
+    base_model.model.<m>.lora_M.weight        r×r mixer: moslora's PEFT route (:mod:`moslora.peft`)
 
 ``adapter_config.json`` has ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``use_rslora``
 (s = lora_alpha/r, or lora_alpha/√r), ``target_modules`` and ``fan_in_fan_out`` (true for GPT-2's
 Conv1D, whose weight is stored in×out; A and B are laid out as for a linear layer all the same).
+The PEFT route's folders with a mixer (what PEFT's ``save_pretrained`` writes for a
+:class:`moslora.peft.LoraConfig`, and :func:`export_peft_mixer` from any MoSLoRA adapter) have
+``peft_type`` :data:`PEFT_ROUTE_TYPE` and ``mixer`` (the init scheme) instead: stock PEFT refuses
+them, as it would otherwise load A and B and drop M with only a warning.
 
 The maths: PEFT computes ``y = W0·x + s·B·A·x``; the authors' fork ``y = W0·x + s·B·M·A·x`` with
 ``M = lora_AB.weight``. A MoSLoRA adapter (A, M, B) is written as the plain LoRA adapter
@@ -38,7 +43,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from moslora.config import MoSLoRAConfig
+from moslora.config import MIXERS, MoSLoRAConfig
 from moslora.core.init import init_mixer_
 from moslora.core.layers import fold_mixer
 from moslora.io.atomic import atomic_write, atomic_write_json
@@ -48,8 +53,14 @@ from moslora.model.inject import matches
 from moslora.version import __version__
 
 PREFIX = "base_model.model."
-_PART = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_AB|lora_mixer)(\.weight)?|(?P<emodule>.+)\.(?P<epart>lora_embedding_[AB])")
-_ROLE = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_AB": "lora_M", "lora_mixer": "lora_M",
+# The peft_type of a PEFT-route folder with a mixer. Stock PEFT looks a folder's peft_type up in its table
+# of methods and raises KeyError with this value, so the value is what its user reads.
+PEFT_ROUTE_TYPE = ("MOSLORA: a LoRA adapter with a mixer between A and B, which PEFT alone cannot run; load it with "
+                   "moslora.peft.PeftModel.from_pretrained, or write a plain LoRA copy with `moslora export`")
+_PART = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_M|lora_AB|lora_mixer)(\.weight)?|(?P<emodule>.+)\.(?P<epart>lora_embedding_[AB])")
+# The layer kinds the PEFT route gives a mixer (see moslora.peft.layers).
+_PEFT_ROUTE_KINDS = ("linear", "conv1d-transformers")
+_ROLE = {"lora_A": "lora_A", "lora_B": "lora_B", "lora_M": "lora_M", "lora_AB": "lora_M", "lora_mixer": "lora_M",
          "lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}  # fmt: skip
 
 
@@ -96,7 +107,7 @@ def read_peft_dir(
                 embeddings.add(module)
             role = _ROLE[part]
             if role in parts.setdefault(module, {}):
-                raise AdapterFormatError(f"{source}: layer {module!r} has two {role} tensors (both lora_AB and lora_mixer?)")
+                raise AdapterFormatError(f"{source}: layer {module!r} has two {role} tensors (two of lora_M, lora_AB, lora_mixer?)")
             parts[module][role] = tensor
         elif name.endswith(".base_layer.weight"):
             base_weights[name[: -len(".base_layer.weight")] + ".weight"] = tensor
@@ -131,14 +142,14 @@ def read_peft_dir(
         plain = next(m for m in modules if m not in with_mixer)
         raise AdapterFormatError(f"{source}: layer {with_mixer[0]!r} has a mixer but {plain!r} has none; moslora needs one or the other throughout")
     if _config_says_mixer(cfg) and not with_mixer:
-        raise AdapterFormatError(f"{directory / CONFIG_NAME} enables the mixer but {source} has no lora_AB / lora_mixer tensors")
+        raise AdapterFormatError(f"{directory / CONFIG_NAME} enables the mixer but {source} has no lora_M / lora_AB / lora_mixer tensors")
 
     saved_modules = sorted({_saved_module(k, saved_patterns) for k in saved})
     tensors.update(saved)
     try:
         config = MoSLoRAConfig(
             r=r, alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0, target_modules=sorted(modules),
-            mixer="kaiming" if with_mixer else None, use_rslora=bool(cfg.get("use_rslora", False)),
+            mixer=(cfg.get("mixer") or "kaiming") if with_mixer else None, use_rslora=bool(cfg.get("use_rslora", False)),
             modules_to_save=saved_modules or None,
         )  # fmt: skip
     except (TypeError, ValueError) as e:
@@ -187,16 +198,23 @@ def with_new_mixer(
     return description.replace(config=config, modules=modules), tensors
 
 
-def peft_tensors(description: AdapterDescription, tensors: dict[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:
+def peft_tensors(
+    description: AdapterDescription, tensors: dict[str, torch.Tensor], *, prefix: str = "", keep_mixer: bool = False
+) -> dict[str, torch.Tensor]:
     """The native adapter as PEFT's tensors: mixers folded into A (A' = M·A), PEFT's key names and
     layouts (a conv's B as an out×r×1… kernel), module names under ``prefix`` (a submodule path,
-    for adapter groups). Every input tensor is used or this raises."""
+    for adapter groups). With ``keep_mixer`` each mixer is kept as the PEFT route's ``lora_M`` and A
+    is left as it is. Every input tensor is used or this raises."""
     head = PREFIX + (prefix + "." if prefix else "")
     out, used = {}, set()
     for name, layer in description.modules.items():
         keys = [f"{name}.{attr}" for attr in ("lora_A", "lora_M", "lora_B")]
         A_key, M_key, B_key = keys
-        A = fold_mixer(tensors[A_key], tensors.get(M_key))
+        if keep_mixer and M_key in tensors:
+            A = tensors[A_key].float()
+            out[f"{head}{name}.lora_M.weight"] = tensors[M_key].float()
+        else:
+            A = fold_mixer(tensors[A_key], tensors.get(M_key))
         B = tensors[B_key].float()
         used.update(k for k in keys if k in tensors)
         if layer.kind == "embedding":
@@ -260,13 +278,36 @@ def export_peft(
     return write_peft(directory, out, peft_config(description))
 
 
+def export_peft_mixer(
+    directory: str | os.PathLike, description: AdapterDescription, tensors: dict[str, torch.Tensor],
+    base_weights: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write an adapter as the PEFT route's folder, the mixer kept (A, M and B as they are): what PEFT's
+    ``save_pretrained`` writes for the same adapter trained through :mod:`moslora.peft`, so
+    ``moslora.peft.PeftModel.from_pretrained`` loads it and stock PEFT refuses it. Without a mixer it is
+    PEFT's plain LoRA folder (:func:`export_peft`, which also writes ``base_weights``)."""
+    if not description.has_mixer:
+        return export_peft(directory, description, tensors, base_weights)
+    for name, layer in description.modules.items():
+        if layer.kind not in _PEFT_ROUTE_KINDS:
+            raise AdapterFormatError(
+                f"layer {name!r} is of kind {layer.kind!r}; the PEFT route gives a mixer to linear layers only "
+                f"({', '.join(_PEFT_ROUTE_KINDS)}). Export it as plain LoRA (format 'peft'), which folds the mixer exactly"
+            )
+    out = peft_tensors(description, tensors, keep_mixer=True)
+    return write_peft(directory, out, peft_config(description, peft_type=PEFT_ROUTE_TYPE, mixer=description.config.mixer))
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterFormatError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"{path}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; moslora reads LoRA adapters (\"LORA\")")
+    if not isinstance(cfg, dict) or cfg.get("peft_type") not in ("LORA", PEFT_ROUTE_TYPE):
+        raise AdapterFormatError(f"{path}: peft_type is {cfg.get('peft_type') if isinstance(cfg, dict) else None!r}; moslora reads LoRA "
+                                 "adapters (\"LORA\") and MoSLoRA ones written by PEFT (moslora.peft)")
+    if cfg.get("mixer") is not None and cfg["mixer"] not in MIXERS:
+        raise AdapterFormatError(f"{path}: mixer {cfg['mixer']!r} is not one of {MIXERS}")
     # Variants whose maths differ from s·B·A (or whose ranks differ per layer) cannot be placed exactly.
     for key, allowed in (("use_dora", (False, None)), ("lora_bias", (False, None)), ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None))):
         if cfg.get(key) not in allowed:
@@ -322,4 +363,4 @@ def _kind(module: str, A: torch.Tensor, embeddings: set[str], cfg: dict[str, Any
 
 
 def _config_says_mixer(cfg: dict[str, Any]) -> bool:
-    return bool(cfg.get("lora_use_mixer") or cfg.get("use_moslora") or cfg.get("use_mixer"))
+    return bool(cfg.get("mixer") or cfg.get("lora_use_mixer") or cfg.get("use_moslora") or cfg.get("use_mixer"))

@@ -18,7 +18,8 @@ def resolve_dtype(precision: str) -> torch.dtype:
 
 
 def load_model(name_or_path: str, *, precision: str = "auto", quantize: str | None = None, for_training: bool = True) -> tuple[Any, Any]:
-    """``(model, tokenizer)``. The tokenizer gets a pad token (unk, else EOS) when it has none.
+    """``(model, tokenizer)``. The tokenizer gets a pad token (unk, else EOS) when it has none. A
+    ``.gguf`` model is dequantized to ``precision`` and is then a plain full-precision model.
 
     With ``quantize="4bit"`` the linear layers are NF4 with double quantization and the adapters
     stay in fp32 (the QLoRA recipe). On CPU, bitsandbytes repacks a 4-bit weight for faster
@@ -43,6 +44,10 @@ def load_model(name_or_path: str, *, precision: str = "auto", quantize: str | No
     elif quantize is not None:
         raise ValueError(f"quantize must be None or '4bit', got {quantize!r}")
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if "gguf_file" in extra:
+        # transformers dequantizes a GGUF file as it loads it, yet marks the model quantized (GGUF), and a
+        # Trainer (TRL's, with a PEFT model too) then refuses to train it. It is a full-precision model.
+        model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token

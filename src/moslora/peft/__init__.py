@@ -1,0 +1,37 @@
+"""MoSLoRA inside PEFT: change one import, keep PEFT and TRL.
+
+    from moslora.peft import LoraConfig          # instead of: from peft import LoraConfig
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+
+:class:`LoraConfig` is PEFT's ``LoraConfig`` with a ``mixer`` field (the paper's ``"kaiming"`` by default,
+``None`` for plain LoRA); PEFT's ``get_peft_model``, ``save_pretrained``, named adapters, mixed batches,
+merging and TRL's ``peft_config=`` then run MoSLoRA. A saved folder with a mixer loads with
+:meth:`PeftModel.from_pretrained` (and :func:`load_adapter` adds another); stock PEFT refuses it rather
+than drop the mixer. :func:`add_weighted_adapter` is PEFT's, exact with mixers.
+
+The mixer plugs in where PEFT plugs its own LoRA variants (see :mod:`moslora.peft.layers`); that
+interface is young and changes between PEFT releases, so this module runs with the PEFT versions it is
+tested with (:data:`PEFT_VERSIONS`) and refuses others in one line.
+"""
+
+from importlib.metadata import PackageNotFoundError as _NotFound
+from importlib.metadata import version as _installed
+
+from packaging.specifiers import SpecifierSet as _SpecifierSet
+
+# The PEFT releases tested (make test: the newest; make test-peft-oldest: the oldest). 0.20 is the first
+# with the lora_variants registry, through which a PEFT layer that has no mixer refuses a mixer config
+# instead of running it as plain LoRA; before 0.19 PEFT does not hand the config to its layers at all.
+PEFT_VERSIONS = ">=0.20.0,<0.22"
+
+try:
+    _found = f"found peft {_installed('peft')}"
+except _NotFound:
+    _found = "peft is not installed"
+if not _found.startswith("found") or not _SpecifierSet(PEFT_VERSIONS).contains(_installed("peft"), prereleases=True):
+    raise ImportError(f"moslora.peft needs peft{PEFT_VERSIONS} (the versions it is tested with); {_found}: pip install 'peft{PEFT_VERSIONS}'")
+
+from moslora.peft.config import LoraConfig  # noqa: E402  (after the version check, which must run first)
+from moslora.peft.model import PeftModel, add_weighted_adapter, folded_mixers, load_adapter  # noqa: E402
+
+__all__ = ["PEFT_VERSIONS", "LoraConfig", "PeftModel", "add_weighted_adapter", "folded_mixers", "load_adapter"]
