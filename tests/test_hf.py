@@ -187,6 +187,19 @@ def test_save_adapter_gathers_fsdp_shards_on_every_process(kind, tmp_path):
     assert (tmp_path / "saved" / CONFIG_NAME).is_file()
 
 
+@pytest.mark.slow
+def test_destroy_process_group_frees_the_group_when_fsdp_is_imported_after_it_starts():
+    """The cause of a rank aborting at exit ("terminate called without an active exception"):
+    FSDP imported after ``init_process_group`` used to bind the group into default arguments, so
+    destroying it freed nothing and gloo's threads outlived the interpreter. moslora imports that
+    module first (model/sharded.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "engines" / "group_freed.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
+
+
 # ----- the guard ----------------------------------------------------------------------------------------
 def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_optimizer_step(tiny, tmp_path):
     """The loss check cannot see this one (the loss is finite); the gradient check before the

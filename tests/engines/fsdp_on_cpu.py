@@ -9,6 +9,7 @@ Run with ``accelerate launch --config_file <fsdp config with use_cpu: true> test
 or ``... tests/engines/fsdp_on_cpu.py SCRIPT.py ARGS`` to run a script instead of ``moslora``.
 """
 
+import os
 import runpy
 import sys
 
@@ -30,11 +31,23 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 AcceleratorState.__init__ = _init_with_fsdp_on_cpu
 
-if __name__ == "__main__":
+def _run() -> int:
     if sys.argv[1].endswith(".py"):
         sys.argv = sys.argv[1:]
-        runpy.run_path(sys.argv[0], run_name="__main__")
-    else:
-        from moslora.cli.main import main
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return 0
+    from moslora.cli.main import main
 
-        sys.exit(main(sys.argv[1:]))
+    return main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    code = _run()
+    # Leave without interpreter finalization (see sharded_save.py): the engine's process group may
+    # still be referenced by torch internals, and its gloo threads must not outlive Python.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

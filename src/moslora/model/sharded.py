@@ -27,6 +27,15 @@ from typing import Iterator
 import torch
 from torch import nn
 
+if torch.distributed.is_available():
+    # Imported now, before any process group exists, on purpose. This module binds the default group
+    # into its functions' default arguments when it is first imported (``group=group.WORLD``); if
+    # that happens after ``init_process_group`` (FSDP imports it lazily), ``destroy_process_group``
+    # cannot free the group, gloo's worker threads outlive it into interpreter shutdown, and a
+    # worker that drops the last reference to a Python-owned tensor there aborts the process
+    # ("terminate called without an active exception"). Imported before, the default is ``None``.
+    import torch.distributed.nn.functional  # noqa: F401
+
 from moslora.core.layers import MoSLoRAConv, MoSLoRALayer
 from moslora.model.inject import adapter_layers, saved_module_names
 
