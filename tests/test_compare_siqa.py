@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import moslora
+
 from moslora.compare import bigbench
 from moslora.compare.instruction import InstructionData, InstructionTask, TopOfCausalLM
 from moslora.compare.siqa import Question, choice_row, label_row, read_questions, siqa_splits
@@ -100,12 +102,14 @@ def tiny_llama(tmp_path_factory) -> Path:
     return root
 
 
-def test_choice_scoring_is_the_mean_token_logprob_by_hand(tiny_llama):
+def test_choice_scoring_is_the_logprob_per_character_by_hand(tiny_llama):
+    """Each option's summed log-probability over its own tokens, divided by its length in
+    characters; no data set is needed (choice scoring reads the options)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     model, tokenizer = LlamaForCausalLM.from_pretrained(tiny_llama).eval(), AutoTokenizer.from_pretrained(tiny_llama)
     rows = _choice_rows(6, seed=3)
-    result = evaluate(model, tokenizer, rows, "boolq", scoring="choice", batch_size=4)
+    result = evaluate(model, tokenizer, rows, None, scoring="choice", batch_size=4)
     for row, example in zip(rows, result["examples"]):
         context = prompt(row["instruction"])
         n_context = len(tokenizer(context)["input_ids"])
@@ -115,7 +119,7 @@ def test_choice_scoring_is_the_mean_token_logprob_by_hand(tiny_llama):
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
             tokens = range(n_context, len(ids))  # the option's tokens; token t is predicted at t − 1
-            by_hand[option] = sum(float(logp[t - 1, ids[t]]) for t in tokens) / len(tokens)
+            by_hand[option] = sum(float(logp[t - 1, ids[t]]) for t in tokens) / len(option)
         assert len(tokenizer(context + row["options"][0])["input_ids"]) != len(tokenizer(context + row["options"][1])["input_ids"])
         for option, score in example["prediction"].items():
             assert score == pytest.approx(by_hand[option], abs=1e-5)
@@ -161,12 +165,12 @@ def test_the_cached_bottom_gives_the_whole_models_loss_and_scores(tiny_llama):
     top = TopOfCausalLM(model, 1)
     with torch.no_grad():
         expected = model(**whole.collator()(whole.train[:4])).loss
-        got = top(**cached.collator()(cached.train[:4]))["loss"]
+        got = top(**cached.collator()(cached.examples([0, 1, 2, 3])))["loss"]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
     rows = cached.task.test
     pairs = [(prompt(r["instruction"]), option) for r in rows for option in r["options"]]
-    by_evaluate = continuation_logprobs(model, cached.tokenizer, [c for c, _ in pairs], [x for _, x in pairs], mean=True)
+    by_evaluate = continuation_logprobs(model, cached.tokenizer, [c for c, _ in pairs], [x for _, x in pairs])
     with torch.no_grad():
         from_cache = top.continuation_scores(cached.scoring_cache["test"])
     torch.testing.assert_close(torch.tensor(from_cache), torch.tensor(by_evaluate), rtol=1e-5, atol=1e-5)
@@ -174,10 +178,42 @@ def test_the_cached_bottom_gives_the_whole_models_loss_and_scores(tiny_llama):
     assert scored["answers"] == [e["extracted"] for e in evaluate(model, cached.tokenizer, rows, "boolq", scoring="choice")["examples"]]
 
 
-def test_adapters_below_the_cached_bottom_are_refused(tiny_llama):
-    task = replace(_task(tiny_llama, 1), target_modules=["q_proj"])
-    with pytest.raises(ValueError, match=r"adapt model.layers.0.self_attn.q_proj .* below frozen_layers=1"):
-        InstructionData(task).build("lora", seed=0, r=4)
+def test_plain_target_names_with_frozen_layers_adapt_the_layers_above_only(tiny_llama):
+    task = replace(_task(tiny_llama, 1), dataset=None, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = InstructionData(task).build("moslora", seed=0, r=4)
+    assert [name for name, _ in moslora.adapter_layers(model)] == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_a_task_reaching_into_the_frozen_bottom_is_refused_before_the_model_loads(tiny_llama, monkeypatch):
+    import moslora.train.model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the task was checked")
+
+    monkeypatch.setattr(moslora.train.model, "load_model", no_load)
+    with pytest.raises(ValueError, match=r"adapt 1 module\(s\) below frozen_layers=1, whose output is cached \(first: model.layers.0.self_attn.q_proj\)"):
+        InstructionData(replace(_task(tiny_llama, 1), target_modules=r"model\.layers\.\d\.self_attn\.q_proj"))
+    with pytest.raises(ValueError, match="target_modules \\['qproj'\\] matched no module"):
+        InstructionData(replace(_task(tiny_llama, 1), target_modules=["qproj"]))
+    with pytest.raises(ValueError, match="frozen_layers=2 leaves no layer to adapt: the model has 2"):
+        InstructionData(replace(_task(tiny_llama, 2), target_modules=["q_proj"]))
+
+
+def test_only_the_training_rows_a_run_uses_go_through_the_frozen_bottom(tiny_llama, monkeypatch):
+    import moslora.compare.instruction as instruction
+
+    seen = []
+    real = instruction.bottom_states
+    monkeypatch.setattr(instruction, "bottom_states", lambda model, k, rows, **kw: seen.append(len(rows)) or real(model, k, rows, **kw))
+    prepared = InstructionData(_task(tiny_llama, 1))
+    assert seen == [] and len(prepared.train) == 16
+    first = prepared.examples([3, 5, 3])
+    again = prepared.examples([5, 7])
+    assert seen == [2, 1]  # rows 3 and 5, then row 7 alone
+    assert first[1] is again[0] and first[0] is first[2]
+    whole = InstructionData(_task(tiny_llama, 0))
+    assert prepared.examples([7])[0]["labels"] == whole.examples([7])[0]["labels"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,13 @@ def decoder_layers(model: torch.nn.Module, frozen: int) -> torch.nn.ModuleList:
     return layers
 
 
+def frozen_modules(frozen: int) -> str:
+    """A full-match regex of every module in the frozen bottom: the embeddings and decoder layers
+    0..frozen−1 with everything inside them."""
+    layers = "|".join(str(i) for i in range(frozen))
+    return rf"model\.(embed_tokens|layers\.({layers}))(\..*)?"
+
+
 def layer_index(name: str) -> int | None:
     """The decoder layer a module name belongs to (``model.layers.<i>.``), or ``None``."""
     found = re.match(r"model\.layers\.(\d+)\.", name)
@@ -154,9 +161,8 @@ class TopOfCausalLM(torch.nn.Module):
 
     @torch.no_grad()
     def continuation_scores(self, sequences: list[dict[str, Any]], batch_size: int = 16) -> list[float]:
-        """Mean log-probability per token of each cached sequence's continuation (its tokens
-        ``start`` … end): :func:`moslora.eval.evaluate.continuation_logprobs` with ``mean=True``,
-        from cached states."""
+        """Summed log-probability of each cached sequence's continuation (its tokens ``start`` …
+        end): :func:`moslora.eval.evaluate.continuation_logprobs`, from cached states."""
         from moslora.compare.classification import pad_states
 
         scores = []
@@ -168,5 +174,5 @@ class TopOfCausalLM(torch.nn.Module):
                 ids = torch.as_tensor(s["input_ids"])
                 start, end = s["start"], len(ids)
                 logp = torch.log_softmax(self.lm.lm_head(h[start - 1 : end - 1]).float(), dim=-1)
-                scores.append(float(logp.gather(-1, ids[start:end, None]).mean()))
+                scores.append(float(logp.gather(-1, ids[start:end, None]).sum()))
         return scores

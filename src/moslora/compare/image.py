@@ -180,6 +180,10 @@ class ImageData:
     def train(self) -> list[dict[str, Any]]:
         return self.splits["train"]
 
+    def examples(self, indices: list[int]) -> list[dict[str, Any]]:
+        """The training examples at ``indices`` (all computed once, when the task is prepared)."""
+        return [self.train[i] for i in indices]
+
     def collator(self) -> Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]:
         return stack_features
 

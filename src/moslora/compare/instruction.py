@@ -9,12 +9,13 @@ Two row formats:
   one of its eight data sets (``scoring: generate``), or the most likely label is taken
   (``scoring: loglik``);
 - **choice text**: each row also carries ``options`` (a list of strings), the response trained on
-  is the gold option's text and the prediction is the option with the highest mean log-probability
-  per token (``scoring: choice``).
+  is the gold option's text and the prediction is the option with the highest log-probability
+  per character (``scoring: choice``).
 
-With ``frozen_layers = k`` the embeddings and the bottom k decoder layers get no adapters; their
-output is then a fixed function of the tokens, so :class:`InstructionData` computes it once per
-training row and every run trains only the layers above on it (the whole model scores).
+With ``frozen_layers = k`` the embeddings and the bottom k decoder layers get no adapters (targets
+named plainly match in the layers above only); their output is then a fixed function of the
+tokens, so :class:`InstructionData` computes it once per training row that a run uses and every
+run trains only the layers above on it (the whole model scores).
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from moslora.compare.causal_cache import TopOfCausalLM, bottom_states, decoder_layers, layer_index, shared_prompt_states
+from moslora.compare.causal_cache import TopOfCausalLM, bottom_states, decoder_layers, frozen_modules, layer_index, shared_prompt_states
 from moslora.compare.methods import method_config
 from moslora.compare.task import Budget
-from moslora.model.inject import adapter_layers, inject
+from moslora.model.inject import inject
 from moslora.train.recipe import LLM_TARGETS
 
 
@@ -53,14 +54,14 @@ class InstructionTask(Budget):
     appended), the loss on the response tokens only. Scoring: :func:`moslora.eval.evaluate` with
     ``scoring`` (``generate``: greedy decoding of up to ``max_new_tokens`` tokens, then the first
     answer label of ``dataset`` in the text, no label counting as wrong; ``loglik``: the most likely
-    label; ``choice``: the option text with the highest mean log-probability per token). ``model``
+    label; ``choice``: the option text with the highest log-probability per character). ``model``
     is a model directory, a hub id, or a ``.gguf`` file. ``precision`` (see :data:`PRECISIONS`) is
     the same for every method, so it never favours one.
     """
 
     name: str
     model: str
-    dataset: str
+    dataset: str | None  # generate / loglik: whose answer extraction scores (choice: optional)
     train: list[dict[str, Any]]
     validation: list[dict[str, Any]]
     test: list[dict[str, Any]]
@@ -77,22 +78,26 @@ class InstructionTask(Budget):
     target_modules: list[str] | str = field(default_factory=lambda: list(LLM_TARGETS))
     modules_to_save: list[str] = field(default_factory=list)
     dropout: float = 0.05
-    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+    lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     precision: str = "fp32"
     quick_steps: int | None = None
     quick_sizes: tuple[int, int] | None = None
     quick_learning_rate: float | None = None
     description: str = ""
+    source: str = ""  # where the rows come from, for the results file (e.g. "BIG-bench social_iqa")
     kind = "instruction"
 
     def __post_init__(self) -> None:
         from moslora.eval.evaluate import SCORINGS, choice_pairs
         from moslora.eval.tasks import TASKS
 
-        if self.dataset not in TASKS:
-            raise ValueError(f"field 'dataset' must be one of the paper's data sets {sorted(TASKS)}, got {self.dataset!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"field 'scoring' must be one of {SCORINGS}, got {self.scoring!r}")
+        if self.dataset is None and self.scoring != "choice":
+            raise ValueError(f"field 'dataset' is needed by scoring {self.scoring!r} (whose answer extraction reads the "
+                             f"responses): one of the paper's data sets {sorted(TASKS)}")
+        if self.dataset is not None and self.dataset not in TASKS:
+            raise ValueError(f"field 'dataset' must be one of the paper's data sets {sorted(TASKS)}, got {self.dataset!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"field 'precision' must be one of {PRECISIONS}, got {self.precision!r}")
         if self.scoring == "choice":
@@ -102,8 +107,18 @@ class InstructionTask(Budget):
                 except ValueError as e:
                     raise ValueError(f"field {split!r}: {e}") from None
 
+    @property
+    def exclude_modules(self) -> str | None:
+        """With ``frozen_layers`` and targets named plainly (``[q_proj, v_proj]``): the frozen bottom's
+        modules, so the names match in the layers above only. A regex of targets is the user's own
+        and is checked instead (:func:`check_targets`)."""
+        if self.frozen_layers and not isinstance(self.target_modules, str):
+            return frozen_modules(self.frozen_layers)
+        return None
+
     def _kind_settings(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "scoring": self.scoring, "max_length": self.max_length,
+        return {"dataset": self.source or None, "extraction": self.dataset, "scoring": self.scoring, "max_length": self.max_length,
+                "choice_normalization": "character" if self.scoring == "choice" else None,
                 "max_new_tokens": self.max_new_tokens, "frozen_layers": self.frozen_layers, "precision": self.precision}
 
     def chance(self) -> float | None:
@@ -126,6 +141,7 @@ class InstructionData:
         from moslora.train.model import load_model
 
         self.task = task
+        check_targets(task)  # a task file's inconsistencies, before the weights load or anything is cached
         # fp32 weights and adapters; task.precision says whether products run in bf16 (autocast).
         self.base, self.tokenizer = _quietly(lambda: load_model(task.model, precision="fp32", for_training=False))
         if torch.cuda.is_available():
@@ -142,13 +158,22 @@ class InstructionData:
         if len(self.train) < len(rows):
             warnings.warn(f"task {task.name}: {len(rows) - len(self.train)} of {len(rows)} training rows dropped: "
                           f"max_length={task.max_length} cuts their response away", stacklevel=2)
+        self._bottom: dict[int, dict[str, Any]] = {}  # training row → the frozen bottom's states, made when first used
         self.scoring_cache: dict[str, list[dict[str, Any]]] = {}
-        if task.frozen_layers:
-            decoder_layers(self.base, task.frozen_layers)  # refuse a model it cannot split before any work
-            with autocast(task.precision, self.device):
-                self.train = bottom_states(self.base, task.frozen_layers, self.train)
-            if task.scoring == "choice":
-                self.scoring_cache = {split: self._choice_sequences(split) for split in ("validation", "test") if getattr(task, split)}
+        if task.frozen_layers and task.scoring == "choice":
+            self.scoring_cache = {split: self._choice_sequences(split) for split in ("validation", "test") if getattr(task, split)}
+
+    def examples(self, indices: list[int]) -> list[dict[str, Any]]:
+        """The training examples at ``indices``: tokenized rows, or (``frozen_layers``) the frozen
+        bottom's states for them, computed the first time a row is used, so only the rows a budget
+        reaches are ever run through the bottom."""
+        if not self.task.frozen_layers:
+            return [self.train[i] for i in indices]
+        missing = sorted(set(indices) - self._bottom.keys())
+        if missing:
+            with autocast(self.task.precision, self.device):
+                self._bottom.update(zip(missing, bottom_states(self.base, self.task.frozen_layers, [self.train[i] for i in missing])))
+        return [self._bottom[i] for i in indices]
 
     def _choice_sequences(self, split: str) -> list[dict[str, Any]]:
         """Every option of every row of ``split`` as the tokens ``evaluate`` scores, with the frozen
@@ -186,11 +211,6 @@ class InstructionData:
         torch.manual_seed(seed)  # A (then M) are drawn from it, the same A for every method
         model = inject(copy.deepcopy(self.base), method_config(self.task, method, r))
         model.config.use_cache = False  # training only; generation turns its cache on itself
-        if self.task.frozen_layers:
-            frozen = {name for name, _ in adapter_layers(model) if layer_index(name) is not None and layer_index(name) < self.task.frozen_layers}
-            if frozen:
-                raise ValueError(f"task {self.task.name}: target_modules adapt {sorted(frozen)[0]} (and {len(frozen) - 1} more) "
-                                 f"below frozen_layers={self.task.frozen_layers}, whose output is cached")
         return model
 
     def training_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -198,7 +218,7 @@ class InstructionData:
         return TopOfCausalLM(model, self.task.frozen_layers) if self.task.frozen_layers else model
 
     def score(self, model: torch.nn.Module, split: str) -> dict[str, Any]:
-        from moslora.eval.evaluate import evaluate, pick_options
+        from moslora.eval.evaluate import evaluate, per_character, pick_options
 
         task = self.task
         if split in self.scoring_cache:  # choice scoring from the frozen bottom's cached states
@@ -210,7 +230,9 @@ class InstructionData:
                     flat = TopOfCausalLM(model, task.frozen_layers).continuation_scores(self.scoring_cache[split], task.eval_batch_size)
             finally:
                 model.train(was_training)
-            answers = [p["extracted"] for p in pick_options([r["options"] for r in rows], flat)]
+            options = [r["options"] for r in rows]
+            flat = per_character(flat, [option for opts in options for option in opts])
+            answers = [p["extracted"] for p in pick_options(options, flat)]
             correct = sum(a == r["answer"] for a, r in zip(answers, rows))
             return {"metric": "accuracy", "value": correct / len(rows), "no_answer": 0, "answers": answers}
         with autocast(task.precision, self.device):
@@ -218,6 +240,29 @@ class InstructionData:
                               batch_size=task.eval_batch_size, max_new_tokens=task.max_new_tokens)
         return {"metric": "accuracy", "value": result["accuracy"], "no_answer": result["no_answer"],
                 "answers": [example["extracted"] for example in result["examples"]]}
+
+
+def check_targets(task: InstructionTask) -> list[str]:
+    """The modules ``task``'s adapters wrap, found on the model's skeleton (its config, no weights),
+    so a task file's mistakes are reported before the weights load or any state is cached: a
+    ``frozen_layers`` the model cannot split, targets that match nothing, or a regex that reaches
+    into the frozen bottom (plain names are kept above it by ``exclude_modules``)."""
+    from moslora.model.inject import find_targets
+    from moslora.train.model import load_skeleton
+
+    skeleton = _quietly(lambda: load_skeleton(task.model))
+    if task.frozen_layers:
+        decoder_layers(skeleton, task.frozen_layers)
+    try:
+        names = find_targets(skeleton, method_config(task, "lora", 8))
+    except ValueError as e:
+        raise ValueError(f"task {task.name}: {e}") from None
+    below = [name for name in names if layer_index(name) is not None and layer_index(name) < task.frozen_layers]
+    if below:
+        raise ValueError(f"task {task.name}: target_modules adapt {len(below)} module(s) below frozen_layers={task.frozen_layers}, "
+                         f"whose output is cached (first: {below[0]}); name the modules plainly "
+                         f"(e.g. [q_proj, v_proj]) to adapt them in the layers above only")
+    return names
 
 
 def _quietly(load: Callable[[], Any]) -> Any:

@@ -25,6 +25,7 @@ def method_config(task: Any, method: str, r: int) -> MoSLoRAConfig:
         alpha=task.alpha_over_r * r,
         dropout=task.dropout,
         target_modules=task.target_modules,
+        exclude_modules=task.exclude_modules,
         modules_to_save=list(task.modules_to_save),
         **METHODS[method],
     )

@@ -13,7 +13,8 @@ are not test seeds (:data:`VALIDATION_SEED_BASE` + i). Test seeds 0..n−1 then 
 
 Training is the Hugging Face ``Trainer`` (AdamW, linear decay after warm-up, no weight decay) with a
 sequential sampler over the pre-ordered examples, the same for every kind of task. What a kind
-adds is its ``prepare()`` object: ``train`` (the examples, tokenized or cached once), ``collator()``,
+adds is its ``prepare()`` object: ``train`` (the examples), ``examples(indices)`` (those a run
+uses, tokenized or cached once), ``collator()``,
 ``build(method, seed, r)``, ``training_model(model)`` (what the Trainer runs: the model, or the
 same model fed cached states) and ``score(model, split)``.
 """
@@ -67,7 +68,7 @@ def train_and_score(prepared: Any, spec: RunSpec, r: int, callbacks: Iterable[An
     model = prepared.build(spec.method, spec.seed, r)
     counts = parameter_counts(model)
     order = data_order(spec.seed, len(prepared.train), task.steps * task.batch_size)
-    train = [prepared.train[i] for i in order]
+    train = prepared.examples(order)
     with tempfile.TemporaryDirectory(prefix="moslora-compare-") as tmp:
         trainer = AdapterTrainer(model=prepared.training_model(model), args=_training_arguments(task, spec, tmp), train_dataset=train,
                                  data_collator=prepared.collator(), callbacks=list(callbacks))

