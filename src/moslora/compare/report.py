@@ -1,29 +1,23 @@
-"""Turn a comparison's results into a summary table (terminal and Markdown) and a figure, and save
-all three with the results JSON, each written atomically."""
+"""Turn a comparison's results into a summary table (terminal and Markdown, with the convergence and
+learning-rate views of :mod:`moslora.compare.views`) and figures, and save them with the results
+JSON, each written atomically."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from moslora.compare import views
 from moslora.compare.methods import BASELINE
 from moslora.compare.stats import describe, paired
-from moslora.io.atomic import atomic_path, atomic_write_json, atomic_write_text
+from moslora.compare.views import finished_seeds, pyplot, save_figure, test_values
+from moslora.io.atomic import atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 FIGURE_FILE = "results.png"
-
-
-def test_values(results: dict[str, Any], method: str) -> dict[int, float]:
-    """seed → test metric of ``method``."""
-    return {run["seed"]: run["value"] for run in results["runs"] if run["split"] == "test" and run["method"] == method}
-
-
-def finished_seeds(results: dict[str, Any]) -> list[int]:
-    """Test seeds on which every method has run (all of them, unless the run was cut short)."""
-    done = [set(test_values(results, method)) for method in results["settings"]["methods"]]
-    return sorted(set.intersection(*done)) if done else []
+CONVERGENCE_FILE = "convergence.png"
+LR_FILE = "lr.png"
 
 
 def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -147,6 +141,8 @@ def _caption(results: dict[str, Any]) -> list[str]:
         "MDE (minimum detectable effect) = the CI's half-width: differences smaller than it are not resolved by these seeds; "
         "two-sided paired t-test and Wilcoxon signed-rank test; wins/losses = seeds where the method is above/below LoRA."
     )
+    if results.get("wall_seconds"):
+        lines.append(f"Wall time of the whole comparison: {results['wall_seconds'] / 60:.1f} min for {len(results['runs'])} runs.")
     env = results.get("environment")
     if env:
         lines.append(
@@ -216,6 +212,12 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     lines += ["", "**In short:** " + " ".join(verdict(results)), ""] + _caption(results) + [""]
+    convergence = views.convergence_markdown(results)
+    if convergence:
+        lines += ["## Convergence", "", f"![convergence]({CONVERGENCE_FILE})", ""] + convergence + [""]
+    by_lr = views.lr_markdown(results)
+    if by_lr:
+        lines += ["## Learning rate", "", f"![learning rate]({LR_FILE})", ""] + by_lr + [""]
     return "\n".join(lines)
 
 
@@ -236,11 +238,11 @@ LEGEND_SEEDS = 8  # the per-seed legend is drawn up to this many seeds
 def figure(results: dict[str, Any], path: str | Path) -> None:
     """Left: test accuracy of every seed under every method, one line per seed joining its runs (the
     pairs). Right: mean training-loss curve of each method over the test seeds."""
-    import matplotlib
+    with pyplot() as plt:
+        _draw(plt, results, path)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw(plt: Any, results: dict[str, Any], path: str | Path) -> None:
     methods = results["settings"]["methods"]
     seeds = finished_seeds(results)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -275,13 +277,12 @@ def figure(results: dict[str, Any], path: str | Path) -> None:
     right.legend(fontsize=8)
     fig.suptitle(f"moslora compare: {results['task']['name']}, r = {results['settings']['r']}, n = {len(seeds)} seeds")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def save(results: dict[str, Any], output: str | Path, command: str | None = None, *, final: bool = True) -> dict[str, Path]:
-    """Write the results JSON (always) and, when ``final``, the Markdown table and the figure."""
+    """Write the results JSON (always) and, when ``final``, the Markdown table and the figures
+    (results, convergence, and the learning-rate search when there was one)."""
     output = Path(output)
     paths = {"json": output / RESULTS_FILE}
     atomic_write_json(paths["json"], {**results, "command": command})
@@ -290,4 +291,10 @@ def save(results: dict[str, Any], output: str | Path, command: str | None = None
         paths["figure"] = output / FIGURE_FILE
         atomic_write_text(paths["markdown"], markdown_table(results, command))
         figure(results, paths["figure"])
+        if views.convergence(results):
+            paths["convergence"] = output / CONVERGENCE_FILE
+            views.convergence_figure([results], paths["convergence"])
+        if views.lr_curves(results):
+            paths["lr"] = output / LR_FILE
+            views.lr_figure([results], paths["lr"])
     return paths

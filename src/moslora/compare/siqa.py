@@ -3,7 +3,7 @@
 
 - ``siqa`` (choice text, the usual way small models are scored): the question is asked without
   its options, the response trained on is the gold option's **text**, and scoring picks the option
-  with the highest mean log-probability per token as the response (``scoring: choice``).
+  with the highest log-probability per character as the response (``scoring: choice``).
 - ``siqa-labels`` (the paper's label format, as commonsense_170k writes social_i_qa): the same
   question with ``Answer1: … Answer2: … Answer3: …`` and ``Answer format: answer1/answer2/answer3``,
   the response ``the correct answer is answerN``, the label read from greedy decoding by the paper's
@@ -16,13 +16,10 @@ cache (``moslora data fetch``; :mod:`moslora.compare.bigbench`), never from a hu
 
 from __future__ import annotations
 
-import json
 import random
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from moslora.compare.bigbench import task_file
+from moslora.compare.bigbench import Question, choice_row, read_questions, task_file
 from moslora.compare.instruction import InstructionTask
 from moslora.compare.task import package_dir
 from moslora.compare.tweets import SMOLLM2_GGUF
@@ -34,31 +31,6 @@ SIQA_TARGETS = r"model\.layers\.(2[6-9])\.(self_attn\.(q|k|v)_proj|mlp\.(up|down
 SIQA_FROZEN = 26
 
 
-@dataclass(frozen=True)
-class Question:
-    """One SIQA question: the context and question as one text, its options, the gold option's index."""
-
-    question: str
-    options: list[str]
-    gold: int
-
-
-def read_questions(path: str | Path) -> list[Question]:
-    """BIG-bench's ``social_iqa/task.json``: ``examples`` of ``{"input", "target_scores"}`` with one
-    option scored 1. Errors name the file and the example."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    questions = []
-    for i, example in enumerate(data.get("examples", [])):
-        scores = example.get("target_scores")
-        if not isinstance(scores, dict) or len(scores) < 2 or sorted(scores.values()) != [0] * (len(scores) - 1) + [1]:
-            raise ValueError(f"{path}: example {i + 1} must have 'target_scores' with exactly one option scored 1, got {scores!r}")
-        options = [option.strip() for option in scores]
-        questions.append(Question(" ".join(example["input"].split()), options, list(scores.values()).index(1)))
-    if not questions:
-        raise ValueError(f"{path}: no examples")
-    return questions
-
-
 def label_row(q: Question) -> dict[str, Any]:
     """The paper's label format (commonsense_170k's social_i_qa rows)."""
     listed = " ".join(f"Answer{k + 1}: {option}" for k, option in enumerate(q.options))
@@ -68,19 +40,6 @@ def label_row(q: Question) -> dict[str, Any]:
         "input": "",
         "output": f"the correct answer is answer{q.gold + 1}",
         "answer": f"answer{q.gold + 1}",
-    }
-
-
-def choice_row(q: Question) -> dict[str, Any]:
-    """Choice text: the question alone (the options are not listed: a model that sees them learns to
-    copy any of them, which raises every option's likelihood alike), the gold option's text as the
-    response, and the options carried by the row for scoring."""
-    return {
-        "instruction": f"Please answer the question: {q.question}",
-        "input": "",
-        "output": q.options[q.gold],
-        "answer": q.options[q.gold],
-        "options": list(q.options),
     }
 
 
@@ -117,7 +76,7 @@ def siqa_task() -> InstructionTask:
     Adapters on q, k, v, up and down of the top 4 of the 30 layers (alpha = 2r, dropout 0.05); the
     bottom 26 layers' output is computed once per training row and once per prompt of the
     validation and test rows. 170 steps of 8 rows: one pass over the 1,354 training questions.
-    Scored by the mean log-probability per token of each option as the response.
+    Scored by the log-probability per character of each option as the response.
 
     Measured on two free CPU cores: the cache of the 1,354 training rows and the 150 validation
     rows' options took 137 s, a step 0.4 s, scoring the validation rows 19 s. At this budget the

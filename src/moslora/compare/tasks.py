@@ -7,6 +7,8 @@ Built-in (all offline: installed packages, or the BIG-bench cache of :mod:`moslo
 - ``siqa``: the paper's SIQA (BIG-bench ``social_iqa``) on SmolLM2-135M-Instruct, options as text,
   scored by length-normalised log-likelihood; ``siqa-labels``: the same in the paper's label
   format (:mod:`moslora.compare.siqa`);
+- ``bbq``: BIG-bench's BBQ-lite (reading a social situation, 3 options as text) on SmolLM2-135M-Instruct,
+  the LLM task it learns at a CPU budget (:mod:`moslora.compare.bbq`);
 - ``cifar10``: CIFAR-10 (BIG-bench ``cifar10_classification``) with EfficientNet-Lite0, adapters on
   its 1×1 convolutions (:mod:`moslora.compare.cifar10`).
 
@@ -22,18 +24,19 @@ from typing import Any, Callable
 
 
 def _builtin() -> dict[str, Callable[[], Any]]:
-    from moslora.compare import cifar10, siqa, tweets
+    from moslora.compare import bbq, cifar10, siqa, tweets
 
     return {
         "tweets": tweets.tweets_task,
         "smollm2-tweets": tweets.smollm2_tweets_task,
         "siqa": siqa.siqa_task,
         "siqa-labels": siqa.siqa_labels_task,
+        "bbq": bbq.bbq_task,
         "cifar10": cifar10.cifar10_task,
     }
 
 
-BUILTIN_TASKS = ("tweets", "smollm2-tweets", "siqa", "siqa-labels", "cifar10")
+BUILTIN_TASKS = ("tweets", "smollm2-tweets", "siqa", "siqa-labels", "bbq", "cifar10")
 
 
 def load_task(name_or_path: str) -> Any:
