@@ -84,3 +84,21 @@ def test_no_search_no_lr_view(tmp_path):
     results["settings"].update(lrs=[1e-3], validation_seeds=[])
     paths = report.save(results, tmp_path, None)
     assert "lr" not in paths and "## Learning rate" not in paths["markdown"].read_text()
+
+
+def test_several_results_files_give_their_views_side_by_side(tmp_path):
+    import json
+
+    from moslora.cli.main import main
+
+    files = []
+    for name in ("one", "two"):
+        results = _results()
+        results["task"]["name"] = name
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(results))
+    assert main(["compare", "--report-from", *map(str, files), "--output", str(tmp_path / "views")]) == 0
+    text = (tmp_path / "views" / "views.md").read_text()
+    assert "## one, r = 8" in text and "## two, r = 8" in text and text.count("| lora | 55.0 | **75.0** |") == 2
+    assert (tmp_path / "views" / "convergence.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "views" / "lr.png").read_bytes()[:4] == b"\x89PNG"

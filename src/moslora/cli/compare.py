@@ -63,7 +63,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--report-from",
         metavar="RESULTS_JSON",
-        help="train nothing: rebuild the table and figure of an earlier (possibly cut-short) run into --output",
+        nargs="+",
+        help="train nothing: rebuild the table and figures of an earlier (possibly cut-short) run into --output; "
+        "given several, draw their convergence and learning-rate views side by side into --output",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -187,16 +189,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_from(path: str, output: str) -> int:
+def _report_from(files: list[str], output: str) -> int:
     import json
-    from pathlib import Path
 
     from moslora.compare import report
 
-    results = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(results, dict) or "runs" not in results or "settings" not in results:
-        raise ValueError(f"{path} is not a results file of moslora compare")
-    paths = report.save(results, output, results.get("command"))
-    print(report.text_table(results))
+    many = []
+    for path in files:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(results, dict) or "runs" not in results or "settings" not in results:
+            raise ValueError(f"{path} is not a results file of moslora compare")
+        many.append(results)
+    if len(many) == 1:
+        paths = report.save(many[0], output, many[0].get("command"))
+        print(report.text_table(many[0]))
+    else:
+        paths = report.save_views(many, output)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -298,3 +298,26 @@ def save(results: dict[str, Any], output: str | Path, command: str | None = None
             paths["lr"] = output / LR_FILE
             views.lr_figure([results], paths["lr"])
     return paths
+
+
+VIEWS_FILE = "views.md"
+
+
+def save_views(many: list[dict[str, Any]], output: str | Path) -> dict[str, Path]:
+    """Several comparisons' convergence and learning-rate views side by side: one figure of each
+    (a column per comparison) and a Markdown file with each comparison's two tables."""
+    output = Path(output)
+    paths = {"markdown": output / VIEWS_FILE, "convergence": output / CONVERGENCE_FILE}
+    lines = ["# moslora compare: convergence and learning rate across tasks", "", f"![convergence]({CONVERGENCE_FILE})", ""]
+    views.convergence_figure(many, paths["convergence"])
+    searched = [results for results in many if views.lr_curves(results)]
+    if searched:
+        paths["lr"] = output / LR_FILE
+        views.lr_figure(searched, paths["lr"])
+        lines += [f"![learning rate]({LR_FILE})", ""]
+    for results in many:
+        title = f"## {results['task']['name']}, r = {results['settings']['r']}"
+        lines += [title, "", *(results.get("command") and ["```", results["command"], "```", ""] or [])]
+        lines += views.convergence_markdown(results) + [""] + views.lr_markdown(results) + [""]
+    atomic_write_text(paths["markdown"], "\n".join(lines))
+    return paths
