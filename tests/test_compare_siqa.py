@@ -255,3 +255,28 @@ def test_siqa_end_to_end_on_a_few_rows(tmp_path):
     assert runs[0]["curve"]["step"] == [1, 2] and all(loss > 0 for loss in runs[0]["curve"]["loss"])
     paths = save(results, tmp_path, "moslora compare --task siqa")
     assert "Before training: chance" in paths["markdown"].read_text()
+
+
+def test_a_task_file_with_plain_names_and_frozen_layers_runs_and_records_what_it_did(tiny_llama, tmp_path):
+    """The shape of docs/compare.md's task file: choice scoring without a data set, the bottom layer
+    cached, targets named plainly; the adapters sit in the layer above only."""
+    from llm_fixtures import write_jsonl
+
+    from moslora.cli.main import main
+
+    for name, (n, seed) in {"train": (16, 0), "validation": (4, 1), "test": (6, 2)}.items():
+        write_jsonl(tmp_path / f"{name}.jsonl", _choice_rows(n, seed))
+    (tmp_path / "task.yaml").write_text(
+        f"kind: instruction\nmodel: {tiny_llama}\ntrain: train.jsonl\nvalidation: validation.jsonl\ntest: test.jsonl\n"
+        "scoring: choice\nfrozen_layers: 1\ntarget_modules: [q_proj, v_proj, down_proj]\nsteps: 2\nbatch_size: 4\n"
+        "max_length: 64\nlog_every: 1\n")
+    out = tmp_path / "out"
+    assert main(["compare", "--task", str(tmp_path / "task.yaml"), "--methods", "lora,moslora", "--seeds", "1", "--r", "4",
+                 "--lrs", "1e-2", "--output", str(out), "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["task"]["dataset"], results["task"]["extraction"], results["task"]["choice_normalization"]) == (None, None, "character")
+    assert results["task"]["frozen_layers"] == 1 and not Path(results["task"]["model"]).is_absolute()
+    for run in results["runs"]:
+        assert run["config"]["exclude_modules"] == r"model\.(embed_tokens|layers\.(0))(\..*)?"
+        assert run["curve"]["step"] == [1, 2]
+    assert "log-probability per character" in (out / "results.md").read_text()
