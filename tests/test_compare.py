@@ -496,12 +496,13 @@ def test_an_instruction_task_whose_responses_are_all_cut_away_is_refused(instruc
 
 
 @pytest.mark.slow
-def test_quick_uses_the_middle_of_the_tasks_grid_and_two_seeds(task_file, tmp_path):
+def test_quick_uses_the_middle_of_the_tasks_grid_two_seeds_and_two_methods(task_file, tmp_path):
     from moslora.cli.main import main
 
     out = tmp_path / "out"
-    assert main(["compare", "--task", str(task_file), "--methods", "lora,moslora", "--quick", "--output", str(out), "--no-progress"]) == 0
+    assert main(["compare", "--task", str(task_file), "--quick", "--output", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["methods"] == ["lora", "moslora"]
     assert results["settings"]["lrs"] == [3e-3] and results["settings"]["validation_seeds"] == []
     assert results["settings"]["seeds"] == [0, 1] and results["task"]["steps"] == 1
     assert results["command"].endswith("--lrs 0.003 --validation-seeds 2 --quick --output " + str(out))

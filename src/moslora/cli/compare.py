@@ -30,6 +30,7 @@ from pathlib import Path
 from moslora.compare.methods import METHODS
 
 DEFAULT_METHODS = "lora,moslora,moslora-frozen,moslora-orthogonal"
+QUICK_METHODS = "lora,moslora"
 QUICK_SEEDS = 2
 
 
@@ -41,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, siqa, siqa-labels, bbq, cifar10, or a task .yaml file (default: %(default)s)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated, from {list(METHODS)} (default: all)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {list(METHODS)} (default: all; {QUICK_METHODS} with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of paired test seeds (default: 5; 2 with --quick)")
     p.add_argument(
         "--r",
@@ -58,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--validation-seeds", type=int, default=2, help="seeds per learning rate in the search (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run instead of the task's own (warm-up scales along)")
-    p.add_argument("--quick", action="store_true", help="the task's quick budget (fewer steps, smaller splits), 2 seeds, no LR search")
+    p.add_argument("--quick", action="store_true", help="the task's quick budget (fewer steps, smaller splits), LoRA and MoSLoRA, 2 seeds, no LR search")
     p.add_argument("--output", default="compare-results", help="folder for results.json, results.md, results.png (default: %(default)s)")
     p.add_argument(
         "--report-from",
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from moslora.compare.runner import run_comparison
     from moslora.compare.tasks import load_task
 
-    methods = _list(args.methods, str, "--methods")
+    methods = _list(args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS), str, "--methods")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"--methods: unknown method(s) {unknown}; known: {list(METHODS)}")
