@@ -207,10 +207,10 @@ def test_only_the_training_rows_a_run_uses_go_through_the_frozen_bottom(tiny_lla
     real = instruction.bottom_states
     monkeypatch.setattr(instruction, "bottom_states", lambda model, k, rows, **kw: seen.append(len(rows)) or real(model, k, rows, **kw))
     prepared = InstructionData(_task(tiny_llama, 1))
-    assert seen == [] and len(prepared.train) == 16
+    assert seen == [4 * 2, 6 * 2] and len(prepared.train) == 16  # the scoring splits' options; no training row yet
     first = prepared.examples([3, 5, 3])
     again = prepared.examples([5, 7])
-    assert seen == [2, 1]  # rows 3 and 5, then row 7 alone
+    assert seen == [8, 12, 2, 1]  # then rows 3 and 5, then row 7 alone
     assert first[1] is again[0] and first[0] is first[2]
     whole = InstructionData(_task(tiny_llama, 0))
     assert prepared.examples([7])[0]["labels"] == whole.examples([7])[0]["labels"]

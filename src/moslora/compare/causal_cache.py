@@ -2,8 +2,7 @@
 
 With ``frozen_layers = k`` the embeddings and decoder layers 0..k−1 carry no adapter, so the hidden
 states entering layer k are a fixed function of the tokens. :func:`bottom_states` computes them
-once per sequence (:func:`shared_prompt_states`: once per prompt, for sequences that only differ
-after it), and :class:`TopOfCausalLM` runs the same model from there: layers k.. (with their
+once per sequence, and :class:`TopOfCausalLM` runs the same model from there: layers k.. (with their
 adapters), the final norm, and the output head only where a token is predicted that counts.
 Llama-style models (``model.model.layers``, logits = lm_head(h)) are supported.
 """
@@ -91,34 +90,6 @@ def bottom_states(model: torch.nn.Module, frozen: int, rows: list[dict[str, Any]
             for i, h in zip(chunk, hidden):
                 out[i] = {"inputs_embeds": h[: len(rows[i]["input_ids"])].float().cpu().clone(), "labels": list(rows[i]["labels"])}
     return out
-
-
-@torch.no_grad()
-def shared_prompt_states(model: torch.nn.Module, frozen: int, sequences: list[tuple[list[int], int]]) -> list[torch.Tensor]:
-    """The states entering decoder layer ``frozen`` for sequences that share a prompt: each is
-    ``(ids, start)`` with ``ids[:start]`` the prompt and the rest its continuation (an option). The
-    prompt runs once, filling the bottom layers' key/value cache; the continuations then run
-    together from that cache, right-padded. Positions and causal attention are those of each whole
-    sequence, so the states are the ones :func:`bottom_states` gives for the whole sequences (up to
-    round-off), at a fraction of the cost. Sequences whose prompts differ (a token merged across the
-    boundary) run whole."""
-    from transformers import DynamicCache
-
-    prompts = {tuple(ids[:start]) for ids, start in sequences}
-    if len(prompts) != 1:
-        return [state["inputs_embeds"] for state in bottom_states(model, frozen, [{"input_ids": ids, "labels": []} for ids, _ in sequences])]
-    device = next(model.parameters()).device
-    with _states_entering(model, frozen) as run:
-        prompt = torch.tensor([list(next(iter(prompts)))], device=device)
-        cache = DynamicCache(config=model.config)
-        head = run(input_ids=prompt, cache=cache, use_cache=True)[0]
-        n, length, width = len(sequences), max(len(ids) - start for ids, start in sequences), prompt.shape[1]
-        ids = torch.tensor([ids[start:] + [0] * (length - len(ids) + start) for ids, start in sequences], device=device)
-        mask = torch.tensor([[1] * (width + len(i) - s) + [0] * (length - len(i) + s) for i, s in sequences], device=device)
-        cache.batch_repeat_interleave(n)
-        positions = torch.arange(width, width + length, device=device)[None].expand(n, length)
-        tails = run(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    return [torch.cat([head, tail[: len(i) - s]]).float().cpu() for tail, (i, s) in zip(tails, sequences)]
 
 
 class TopOfCausalLM(torch.nn.Module):
