@@ -25,7 +25,7 @@ from moslora.compare.task import package_dir
 from moslora.compare.tweets import SMOLLM2_GGUF
 
 BBQ_FILES = tuple(name for name in FILES if name.startswith("bbq_lite_json/"))
-BBQ_SIZES = {"test": 300, "validation": 150}  # the rest (15,626) is training data; a budget reaches a few hundred
+BBQ_SIZES = {"test": 200, "validation": 100}  # the rest (15,776) is training data; a budget reaches a few hundred
 # The paper's targets, named plainly: with frozen_layers they adapt the layers above only.
 BBQ_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 BBQ_FROZEN = 22  # SmolLM2-135M has 30 layers: adapters on the top 8
@@ -60,11 +60,11 @@ def bbq_task() -> InstructionTask:
         train=[choice_row(q) for q in splits["train"]],
         validation=[choice_row(q) for q in splits["validation"]],
         test=[choice_row(q) for q in splits["test"]],
-        steps=48,
+        steps=40,
         batch_size=8,
         max_length=256,
-        warmup_steps=5,
-        log_every=3,
+        warmup_steps=4,
+        log_every=2,
         scoring="choice",
         eval_batch_size=24,
         frozen_layers=BBQ_FROZEN,
