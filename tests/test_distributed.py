@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -57,11 +58,20 @@ def single(tiny, train_file, tmp_path_factory) -> Path:
     return out
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick for port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _cpu_config(engine: str, folder: Path) -> Path:
     """The shipped accelerate config for ``engine``, made to run on 2 CPU processes."""
     name = {"deepspeed-zero2": "deepspeed-zero2.yaml", "deepspeed-zero3": "deepspeed-zero3.yaml", "fsdp2": "fsdp2.yaml"}[engine]
     config = yaml.safe_load((CONFIGS / name).read_text())
-    config.update(num_processes=2, use_cpu=True)
+    # A port of its own, not accelerate's fixed 29500: a process of an earlier launch still holding
+    # that port would make this one fail at random.
+    config.update(num_processes=2, use_cpu=True, main_process_port=_free_port())
     config.pop("mixed_precision", None)  # fp32 on CPU
     if engine == "deepspeed-zero3":
         ds = json.loads((CONFIGS / "zero3.json").read_text())

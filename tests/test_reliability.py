@@ -140,7 +140,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(weights=st.binary(max_size=300), config=json_values)
 def test_random_bytes_and_json_give_only_documented_errors(tmp_path, weights, config):
     folder = tmp_path / "fuzz"
@@ -154,7 +154,7 @@ def test_random_bytes_and_json_give_only_documented_errors(tmp_path, weights, co
     assert_untouched(base, before)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_valid_file_with_random_damage_loads_exactly_or_fails_cleanly(tmp_path, data):
     folder = tmp_path / "damaged"
@@ -259,7 +259,7 @@ def random_layer(kind, n_in, n_out):
     return nn.Embedding(n_in + 1, n_out), torch.randint(0, n_in + 1, (2, 3))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=KINDS, n_in=st.integers(1, 12), n_out=st.integers(1, 12), r=st.integers(1, 6), mixer=MIXER_KINDS,
        dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
 @pytest.mark.slow

@@ -279,7 +279,6 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tiny, train_file,
     """A real kill (no Python cleanup runs) partway through, then `--resume`: the final adapter
     equals an uninterrupted run's."""
     import signal
-    import time
 
     settings = dict(max_steps=8, save_steps=2, dropout=0.1, **FAST)
     train_causal_lm(str(tiny), train_file, tmp_path / "straight", **settings)
@@ -287,17 +286,19 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter(tiny, train_file,
     out = tmp_path / "killed"
     flags = ["--max-steps", "8", "--save-steps", "2", "--dropout", "0.1", "--batch-size", "4", "--micro-batch-size", "2",
              "--val-set-size", "0", "--warmup-steps", "2", "--lr", "1e-2", "--logging-steps", "1", "--rank", "4", "--alpha", "8"]
-    cmd = [sys.executable, "-m", "moslora.cli.main", "train", "--model", str(tiny), "--data", str(train_file), "--output", str(out), *flags]
+    args = ["train", "--model", str(tiny), "--data", str(train_file), "--output", str(out), *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (out / "checkpoint-4" / "trainer_state.json").exists():
-        assert proc.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint-4 after 240 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Held still right after checkpoint-4 is written, so the kill lands there whatever the load.
+    hold = [sys.executable, str(REPO / "tests" / "engines" / "stop_after_checkpoint.py"), "4"]
+    proc = subprocess.Popen(hold + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "held" in (line.strip() for line in proc.stdout), "training ended before checkpoint-4"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "checkpoint-6").exists()
     assert not (out / "adapter_model.safetensors").exists(), "killed before the end, so no final adapter"
+    cmd = [sys.executable, "-m", "moslora.cli.main", *args]
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
