@@ -280,3 +280,29 @@ def test_a_task_file_with_plain_names_and_frozen_layers_runs_and_records_what_it
         assert run["config"]["exclude_modules"] == r"model\.(embed_tokens|layers\.(0))(\..*)?"
         assert run["curve"]["step"] == [1, 2]
     assert "log-probability per character" in (out / "results.md").read_text()
+
+
+needs_bbq = pytest.mark.skipif(bool(set(bigbench.missing()) & {f for f in bigbench.FILES if f.startswith("bbq_lite_json/")}),
+                               reason="the BIG-bench cache lacks bbq_lite_json: moslora data fetch")
+
+
+@needs_bbq
+def test_the_bbq_task_pools_the_18_subtasks_into_a_fixed_disjoint_split():
+    from moslora.compare.bbq import BBQ_FILES, bbq_questions, bbq_splits, bbq_task
+
+    assert len(BBQ_FILES) == 18
+    questions = bbq_questions()
+    assert len(questions) == 16076 and all(len(q.options) == 3 for q in questions)
+    task = bbq_task()
+    assert (len(task.train), len(task.validation), len(task.test)) == (15776, 100, 200)
+    assert (task.scoring, task.dataset, task.frozen_layers, task.precision) == ("choice", None, 22, "bf16")
+    assert task.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert task.exclude_modules.startswith(r"model\.(embed_tokens|layers\.(0|1|")
+    splits = bbq_splits(questions)
+    texts = {name: {(q.question, tuple(q.options)) for q in part} for name, part in splits.items()}
+    assert not texts["test"] & texts["train"] and not texts["validation"] & texts["train"]  # no test question is trained on
+    assert [r["instruction"] for r in task.test] == [f"Please answer the question: {q.question}" for q in splits["test"]]
+    assert all(r["answer"] in r["options"] and r["output"] == r["answer"] for r in task.test + task.train[:100])
+    assert task.chance() == pytest.approx(1 / 3)
+    quick = task.quick()
+    assert (quick.steps, len(quick.train), len(quick.validation), len(quick.test), quick.quick_lr) == (30, 240, 0, 150, 3e-3)
