@@ -265,8 +265,10 @@ def test_compare_end_to_end_writes_json_markdown_and_figure(task_file, tmp_path)
     assert trained["trainable_params"] - frozen["trainable_params"] == trained["parameter_counts"]["M"] == 12 * 4 * 4
 
     table = (out / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    results_table = table.split("**In short:**")[0]  # the convergence and learning-rate tables follow
+    rows = [line for line in results_table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [row.split("|")[1].strip() for row in rows] == ["lora", "moslora", "moslora-frozen"]
+    assert "## Convergence" in table and "## Learning rate" in table
     assert "(baseline)" in rows[0] and "n = 2 paired seeds" in table
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = {row["method"]: row for row in report.summarize(results)}

@@ -116,7 +116,7 @@ def _caption(results: dict[str, Any]) -> list[str]:
             "generate": f"greedy answers of up to {task['max_new_tokens']} tokens, read by the paper's `{extraction}` extraction "
             "(first answer label in the text; none counts as wrong)",
             "loglik": f"the most likely of each row's `{extraction}` options (log-likelihood)",
-            "choice": "the option text with the highest log-probability per " + task.get("choice_normalization", "token") + " after the prompt",
+            "choice": "the option text with the highest log-probability per " + (task.get("choice_normalization") or "token") + " after the prompt",
         }[task["scoring"]]
         lines.append(f"Instruction-tuned in the LLM-Adapters format (Alpaca prompt, loss on the response only); accuracy of {how}.")
     before = reference(results)
