@@ -305,4 +305,4 @@ def test_the_bbq_task_pools_the_18_subtasks_into_a_fixed_disjoint_split():
     assert all(r["answer"] in r["options"] and r["output"] == r["answer"] for r in task.test + task.train[:100])
     assert task.chance() == pytest.approx(1 / 3)
     quick = task.quick()
-    assert (quick.steps, len(quick.train), len(quick.validation), len(quick.test), quick.quick_lr) == (30, 240, 0, 150, 3e-3)
+    assert (task.steps, quick.steps, len(quick.train), len(quick.validation), len(quick.test), quick.quick_lr) == (30, 30, 240, 0, 150, 3e-3)
