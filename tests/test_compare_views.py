@@ -102,3 +102,14 @@ def test_several_results_files_give_their_views_side_by_side(tmp_path):
     assert "## one, r = 8" in text and "## two, r = 8" in text and text.count("| lora | 55.0 | **75.0** |") == 2
     assert (tmp_path / "views" / "convergence.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "views" / "lr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_search_extended_by_a_later_run_reads_as_one_curve():
+    first, extension = _results(), _results()
+    extension["runs"] = [_run("lora", 1000, "validation", 3e-2, 0.9, [1.0]), _run("lora", 1000, "validation", 1e-2, 0.6, [1.0])]
+    pooled = views.merged_lr_curves([first, extension])
+    assert list(pooled) == [("toy", 8)]
+    assert pooled[("toy", 8)]["lora"] == {1e-3: [0.5, 0.6], 1e-2: [0.7, 0.8, 0.6], 3e-2: [0.9]}
+    other = _results()
+    other["task"]["name"] = "other"
+    assert list(views.merged_lr_curves([first, other])) == [("toy", 8), ("other", 8)]

@@ -310,11 +310,11 @@ def save_views(many: list[dict[str, Any]], output: str | Path) -> dict[str, Path
     paths = {"markdown": output / VIEWS_FILE, "convergence": output / CONVERGENCE_FILE}
     lines = ["# moslora compare: convergence and learning rate across tasks", "", f"![convergence]({CONVERGENCE_FILE})", ""]
     views.convergence_figure(many, paths["convergence"])
-    searched = [results for results in many if views.lr_curves(results)]
-    if searched:
+    if views.merged_lr_curves(many):
         paths["lr"] = output / LR_FILE
-        views.lr_figure(searched, paths["lr"])
-        lines += [f"![learning rate]({LR_FILE})", ""]
+        views.lr_figure(many, paths["lr"])
+        lines += [f"![learning rate]({LR_FILE})", "", "Comparisons of the same task and rank share one panel of the figure "
+                  "(a search extended by a later run over more rates).", ""]
     for results in many:
         title = f"## {results['task']['name']}, r = {results['settings']['r']}"
         lines += [title, "", *(results.get("command") and ["```", results["command"], "```", ""] or [])]

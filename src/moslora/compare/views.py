@@ -227,16 +227,29 @@ def lr_markdown(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def merged_lr_curves(many: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, dict[float, list[float]]]]:
+    """:func:`lr_curves` of comparisons of the same task and rank pooled, per (task, r): a search
+    extended by a later run over more rates reads as one curve."""
+    out: dict[tuple[str, int], dict[str, dict[float, list[float]]]] = {}
+    for results in many:
+        pooled = out.setdefault((results["task"]["name"], results["settings"]["r"]), {})
+        for method, by_lr in lr_curves(results).items():
+            for lr, values in by_lr.items():
+                pooled.setdefault(method, {}).setdefault(lr, []).extend(values)
+    return {key: {m: dict(sorted(by_lr.items())) for m, by_lr in curves.items()} for key, curves in out.items() if curves}
+
+
 def lr_figure(many: list[dict[str, Any]], path: str | Path) -> None:
-    """One panel per comparison: validation accuracy against the learning rate (log axis), each
-    seed a dot and each method's mean a line."""
+    """One panel per task and rank (comparisons of the same pooled): validation accuracy against the
+    learning rate (log axis), each seed a dot and each method's mean a line."""
+    panels = merged_lr_curves(many)
+    methods = list(dict.fromkeys(m for results in many for m in results["settings"]["methods"]))
     with pyplot() as plt:
-        fig, axes = plt.subplots(1, len(many), figsize=(4.6 * len(many), 3.8), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
         cmap = plt.get_cmap("tab10")
-        for col, results in enumerate(many):
+        for col, ((name, r), curves) in enumerate(panels.items()):
             ax = axes[0][col]
-            methods = results["settings"]["methods"]
-            for method, by_lr in lr_curves(results).items():
+            for method, by_lr in curves.items():
                 color = cmap(methods.index(method) % 10)
                 rates = list(by_lr)
                 ax.plot(rates, [100 * describe(by_lr[lr])["mean"] for lr in rates], "-", color=color, label=method)
@@ -245,7 +258,7 @@ def lr_figure(many: list[dict[str, Any]], path: str | Path) -> None:
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
             ax.set_ylabel("validation accuracy (%)")
-            ax.set_title(f"{results['task']['name']}, r = {results['settings']['r']}")
+            ax.set_title(f"{name}, r = {r}")
             ax.legend(fontsize=7)
         fig.tight_layout()
         save_figure(fig, path)
