@@ -26,7 +26,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 install: $(BIN)/.installed
 
-# The BIG-bench task files of the built-in siqa and cifar10 tasks: fetched once from PyPI (the
+# The BIG-bench task files of the built-in siqa, bbq and cifar10 tasks: fetched once from PyPI (the
 # bigbench 1.0.0 sdist), checked by SHA-256, cached in ~/.cache/moslora (or $MOSLORA_DATA_DIR).
 data: $(BIN)/.installed
 	$(BIN)/moslora data fetch

@@ -70,7 +70,9 @@ def bbq_task() -> InstructionTask:
         frozen_layers=BBQ_FROZEN,
         target_modules=BBQ_TARGETS,
         precision="bf16",
-        lrs=(1e-3, 3e-3, 1e-2),
+        # The published run searched {1e-3, 3e-3, 1e-2} and every method picked the top; its
+        # extension found validation accuracy still rising to 3e-2 and holding at 1e-1.
+        lrs=(3e-3, 1e-2, 3e-2, 1e-1),
         quick_steps=30,
         quick_sizes=(0, 150),
         quick_learning_rate=3e-3,
