@@ -307,9 +307,13 @@ def save_views(many: list[dict[str, Any]], output: str | Path) -> dict[str, Path
     """Several comparisons' convergence and learning-rate views side by side: one figure of each
     (a column per comparison) and a Markdown file with each comparison's two tables."""
     output = Path(output)
-    paths = {"markdown": output / VIEWS_FILE, "convergence": output / CONVERGENCE_FILE}
-    lines = ["# moslora compare: convergence and learning rate across tasks", "", f"![convergence]({CONVERGENCE_FILE})", ""]
-    views.convergence_figure(many, paths["convergence"])
+    paths = {"markdown": output / VIEWS_FILE}
+    lines = ["# moslora compare: convergence and learning rate across tasks", ""]
+    paired = [results for results in many if len(finished_seeds(results)) >= 2]  # a paired band needs two seeds
+    if paired:
+        paths["convergence"] = output / CONVERGENCE_FILE
+        views.convergence_figure(paired, paths["convergence"])
+        lines += [f"![convergence]({CONVERGENCE_FILE})", "", "Comparisons with fewer than two finished seeds are left out of it.", ""]
     if views.merged_lr_curves(many):
         paths["lr"] = output / LR_FILE
         views.lr_figure(many, paths["lr"])

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from moslora.compare.methods import BASELINE
+from moslora.compare.methods import BASELINE, METHODS
 from moslora.compare.stats import describe, paired
 from moslora.io.atomic import atomic_path
 
@@ -49,6 +49,11 @@ def pyplot() -> Iterator[Any]:
     import matplotlib.pyplot as plt
 
     yield plt
+
+
+def method_color(plt: Any, method: str) -> Any:
+    """The same colour for a method in every panel and figure."""
+    return plt.get_cmap("tab10")(list(METHODS).index(method) % 10)
 
 
 def save_figure(fig: Any, path: str | Path) -> None:
@@ -160,26 +165,25 @@ def convergence_figure(many: list[dict[str, Any]], path: str | Path) -> None:
     the paired difference method − LoRA per logged step with its 95% CI band."""
     with pyplot() as plt:
         fig, axes = plt.subplots(2, len(many), figsize=(4.6 * len(many), 6.4), squeeze=False, sharex="col")
-        cmap = plt.get_cmap("tab10")
         for col, results in enumerate(many):
             top, bottom = axes[0][col], axes[1][col]
             base = _curves(results, BASELINE)
-            for i, method in enumerate(results["settings"]["methods"]):
+            for method in results["settings"]["methods"]:
                 mine = _curves(results, method)
                 seeds = sorted(set(mine) & set(base))
                 if not seeds:
                     continue
                 steps = base[seeds[0]]["step"]
                 top.plot(steps, [describe([mine[s]["loss"][j] for s in seeds])["mean"] for j in range(len(steps))],
-                         color=cmap(i % 10), label=method)
+                         color=method_color(plt, method), label=method)
                 if method == BASELINE or len(seeds) < 2:
                     continue
                 pairs = [paired([mine[s]["loss"][j] for s in seeds], [base[s]["loss"][j] for s in seeds]) for j in range(len(steps))]
                 mean = [p["mean_diff"] for p in pairs]
-                bottom.plot(steps, mean, color=cmap(i % 10), label=method)
+                bottom.plot(steps, mean, color=method_color(plt, method), label=method)
                 low = [p["ci_low"] if p["ci_low"] is not None else p["mean_diff"] for p in pairs]
                 high = [p["ci_high"] if p["ci_high"] is not None else p["mean_diff"] for p in pairs]
-                bottom.fill_between(steps, low, high, color=cmap(i % 10), alpha=0.2)
+                bottom.fill_between(steps, low, high, color=method_color(plt, method), alpha=0.2)
             n = len(finished_seeds(results))
             top.set_title(f"{results['task']['name']}, r = {results['settings']['r']} (n = {n} seeds)")
             top.set_ylabel("training loss (mean over seeds)")
@@ -243,14 +247,12 @@ def lr_figure(many: list[dict[str, Any]], path: str | Path) -> None:
     """One panel per task and rank (comparisons of the same pooled): validation accuracy against the
     learning rate (log axis), each seed a dot and each method's mean a line."""
     panels = merged_lr_curves(many)
-    methods = list(dict.fromkeys(m for results in many for m in results["settings"]["methods"]))
     with pyplot() as plt:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-        cmap = plt.get_cmap("tab10")
         for col, ((name, r), curves) in enumerate(panels.items()):
             ax = axes[0][col]
             for method, by_lr in curves.items():
-                color = cmap(methods.index(method) % 10)
+                color = method_color(plt, method)
                 rates = list(by_lr)
                 ax.plot(rates, [100 * describe(by_lr[lr])["mean"] for lr in rates], "-", color=color, label=method)
                 for lr in rates:
