@@ -17,9 +17,7 @@ character. The data comes from the BIG-bench cache (``moslora data fetch``), nev
 
 from __future__ import annotations
 
-import random
-
-from moslora.compare.bigbench import FILES, Question, choice_row, read_questions, task_file
+from moslora.compare.bigbench import FILES, Question, choice_row, fixed_split, read_questions, task_file
 from moslora.compare.instruction import InstructionTask
 from moslora.compare.task import package_dir
 from moslora.compare.tweets import SMOLLM2_GGUF
@@ -37,12 +35,8 @@ def bbq_questions() -> list[Question]:
 
 
 def bbq_splits(questions: list[Question]) -> dict[str, list[Question]]:
-    """The fixed split: shuffled once with ``random.Random(0)``; test, then validation, then train."""
-    order = list(range(len(questions)))
-    random.Random(0).shuffle(order)
-    test, validation = BBQ_SIZES["test"], BBQ_SIZES["validation"]
-    pick = lambda part: [questions[i] for i in part]  # noqa: E731
-    return {"test": pick(order[:test]), "validation": pick(order[test : test + validation]), "train": pick(order[test + validation :])}
+    """The fixed split of :func:`moslora.compare.bigbench.fixed_split` with :data:`BBQ_SIZES`."""
+    return fixed_split(questions, BBQ_SIZES)
 
 
 def bbq_task() -> InstructionTask:

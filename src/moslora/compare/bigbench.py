@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import tarfile
 import tempfile
@@ -213,3 +214,13 @@ def choice_row(q: Question) -> dict[str, Any]:
         "answer": q.options[q.gold],
         "options": list(q.options),
     }
+
+
+def fixed_split(questions: list[Question], sizes: dict[str, int]) -> dict[str, list[Question]]:
+    """A built-in task's split, made once: the questions shuffled with ``random.Random(0)``, the
+    first ``sizes["test"]`` test, the next ``sizes["validation"]`` validation, the rest train."""
+    order = list(range(len(questions)))
+    random.Random(0).shuffle(order)
+    test, validation = sizes["test"], sizes["validation"]
+    pick = lambda part: [questions[i] for i in part]  # noqa: E731
+    return {"test": pick(order[:test]), "validation": pick(order[test : test + validation]), "train": pick(order[test + validation :])}

@@ -16,10 +16,9 @@ cache (``moslora data fetch``; :mod:`moslora.compare.bigbench`), never from a hu
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-from moslora.compare.bigbench import Question, choice_row, read_questions, task_file
+from moslora.compare.bigbench import Question, choice_row, fixed_split, read_questions, task_file
 from moslora.compare.instruction import InstructionTask
 from moslora.compare.task import package_dir
 from moslora.compare.tweets import SMOLLM2_GGUF
@@ -44,12 +43,8 @@ def label_row(q: Question) -> dict[str, Any]:
 
 
 def siqa_splits(questions: list[Question]) -> dict[str, list[Question]]:
-    """The fixed split: shuffled once with ``random.Random(0)``; test, then validation, then train."""
-    order = list(range(len(questions)))
-    random.Random(0).shuffle(order)
-    test, validation = SIQA_SIZES["test"], SIQA_SIZES["validation"]
-    pick = lambda part: [questions[i] for i in part]  # noqa: E731
-    return {"test": pick(order[:test]), "validation": pick(order[test : test + validation]), "train": pick(order[test + validation :])}
+    """The fixed split of :func:`moslora.compare.bigbench.fixed_split` with :data:`SIQA_SIZES`."""
+    return fixed_split(questions, SIQA_SIZES)
 
 
 def _siqa(name: str, row, **settings: Any) -> InstructionTask:

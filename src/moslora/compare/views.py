@@ -74,15 +74,14 @@ def _curves(results: dict[str, Any], method: str) -> dict[int, dict[str, list[fl
             if run["split"] == "test" and run["method"] == method and run["seed"] in seeds and run["curve"]["step"]}
 
 
-def _at(curve: dict[str, list[float]], step: float) -> float:
-    """The logged loss nearest to ``step`` (the later of two equally near)."""
-    steps = curve["step"]
-    k = min(range(len(steps)), key=lambda j: (abs(steps[j] - step), -steps[j]))
-    return curve["loss"][k]
-
-
 def _nearest_step(curve: dict[str, list[float]], step: float) -> int:
+    """The logged step nearest to ``step`` (the later of two equally near)."""
     return min(curve["step"], key=lambda s: (abs(s - step), -s))
+
+
+def _at(curve: dict[str, list[float]], step: float) -> float:
+    """The logged loss at :func:`_nearest_step`."""
+    return curve["loss"][curve["step"].index(_nearest_step(curve, step))]
 
 
 def _steps_to(curve: dict[str, list[float]], level: float) -> int | None:
