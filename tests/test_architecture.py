@@ -1,6 +1,6 @@
 """The floors of the package, checked over its import graph (see docs/architecture.md).
 
-``config → core → model → io → train / eval / compare / hf / peft → cli``: a module imports only modules
+``config → core → model → io · data → train / eval / compare / hf / peft → cli``: a module imports only modules
 of its own floor or of the floors below, never the package root ``moslora`` (its ``__init__`` is the
 public face, for users), and no chain of imports comes back to where it started. Imports inside
 functions count: a lazy import is still a dependency.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "moslora"
-FLOORS = {"version": 0, "config": 0, "core": 1, "model": 2, "io": 3, "train": 4, "eval": 4, "compare": 4, "hf": 4, "peft": 4,
+FLOORS = {"version": 0, "config": 0, "core": 1, "model": 2, "io": 3, "data": 3, "train": 4, "eval": 4, "compare": 4, "hf": 4, "peft": 4,
           "cli": 5}
 
 

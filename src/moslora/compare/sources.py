@@ -140,6 +140,10 @@ def _commonsense(spec: dict[str, Any], rows: str, where: str) -> dict[str, Any]:
     for name in sets:
         for split, questions in commonsense_splits(name, test, validation).items():
             splits[split] += questions
+    # The sets repeat a few questions across their own splits (ARC-Easy one, SIQA seven stems);
+    # a question scored is never one trained on.
+    held_out = {q.question for q in splits["test"] + splits["validation"]}
+    splits["train"] = [q for q in splits["train"] if q.question not in held_out]
     if len(sets) > 1:  # a pooled mix trains on the sets interleaved, not one after another
         random.Random(0).shuffle(splits["train"])
     return {**{split: [_ROW[rows](q) for q in qs] for split, qs in splits.items()},

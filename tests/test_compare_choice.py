@@ -1,7 +1,6 @@
-"""SIQA for `moslora compare`: BIG-bench rows → the paper's label format and the choice-text
-format, choice scoring against a hand computation on a tiny Llama, the frozen-bottom cache of a
-causal LM (same loss, same scores as the whole model), and the built-in tasks on the real data
-(skipped when the BIG-bench cache is absent: `moslora data fetch`, which `make test` runs)."""
+"""Multiple-choice questions for `moslora compare`: a question as the paper's label format and as
+choice text, choice scoring against a hand computation on a tiny Llama, and the frozen-bottom
+cache of a causal LM (same loss, same scores as the whole model)."""
 
 from __future__ import annotations
 
@@ -14,36 +13,15 @@ import torch
 
 import moslora
 
-from moslora.compare import bigbench
 from moslora.compare.instruction import InstructionData, InstructionTask, TopOfCausalLM
-from moslora.compare.siqa import Question, choice_row, label_row, read_questions, siqa_splits
+from moslora.compare.sources import choice_row, label_row
+from moslora.data.olmo import Question
 from moslora.eval.evaluate import continuation_logprobs, evaluate
 from moslora.train.data import prompt
 
-needs_siqa = pytest.mark.skipif(
-    "social_iqa/task.json" in bigbench.missing(),
-    reason=f"BIG-bench cache absent ({bigbench.cache_dir()}); run `{bigbench.FETCH_COMMAND}` (make test does)",
-)
-
-
-def test_bigbench_rows_become_questions(tmp_path):
-    path = tmp_path / "task.json"
-    path.write_text(json.dumps({"examples": [
-        {"input": "Tracy didn't go home that evening.  What does Tracy need to do before this? ",
-         "target_scores": {"Make a new plan": 0, "Go home and see Riley": 0, " Find somewhere to go": 1}},
-        {"input": "Remy gave birth. How would you describe Remy? ", "target_scores": {"Happy": 1, "A new parent": 0}},
-    ]}))
-    first, second = read_questions(path)
-    assert first == Question("Tracy didn't go home that evening. What does Tracy need to do before this?",
-                             ["Make a new plan", "Go home and see Riley", "Find somewhere to go"], 2)
-    assert second.options == ["Happy", "A new parent"] and second.gold == 0
-    path.write_text(json.dumps({"examples": [{"input": "q", "target_scores": {"a": 1, "b": 1}}]}))
-    with pytest.raises(ValueError, match=r"task.json: example 1 must have 'target_scores' with exactly one option scored 1"):
-        read_questions(path)
-
 
 def test_a_question_in_the_label_format_and_as_choice_text():
-    q = Question("Sasha made new laws. What will patients want to do next?", ["Write new laws", "Get petitions signed", "Live longer"], 1)
+    q = Question("socialiqa/train/7", "Sasha made new laws. What will patients want to do next?", ["Write new laws", "Get petitions signed", "Live longer"], 1)
     assert label_row(q) == {
         "instruction": "Please choose the correct answer to the question: Sasha made new laws. What will patients want to do next?\n\n"
         "Answer1: Write new laws Answer2: Get petitions signed Answer3: Live longer\n\nAnswer format: answer1/answer2/answer3",
@@ -62,15 +40,6 @@ def test_a_question_in_the_label_format_and_as_choice_text():
 
     assert extract_answer("social_i_qa", label_row(q)["output"]) == "answer2"
     assert choices("social_i_qa", label_row(q)["instruction"]) == ["answer1", "answer2", "answer3"]
-
-
-def test_the_split_is_fixed_and_disjoint():
-    questions = [Question(f"q{i}", ["a", "b", "c"], i % 3) for i in range(700)]
-    splits = siqa_splits(questions)
-    assert [len(splits[k]) for k in ("train", "validation", "test")] == [100, 150, 450]
-    ids = {k: {q.question for q in v} for k, v in splits.items()}
-    assert not (ids["train"] & ids["validation"]) and not (ids["train"] & ids["test"]) and not (ids["validation"] & ids["test"])
-    assert siqa_splits(questions) == splits  # made once, the same every time
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,47 +185,6 @@ def test_only_the_training_rows_a_run_uses_go_through_the_frozen_bottom(tiny_lla
     assert prepared.examples([7])[0]["labels"] == whole.examples([7])[0]["labels"]
 
 
-# --------------------------------------------------------------------------------------------
-# The built-in tasks on the real data
-
-
-@needs_siqa
-def test_builtin_siqa_tasks_ask_the_fixed_split():
-    from moslora.compare.siqa import siqa_labels_task, siqa_task
-
-    task, labels = siqa_task(), siqa_labels_task()
-    assert (len(task.train), len(task.validation), len(task.test)) == (1354, 150, 450)
-    assert task.scoring == "choice" and labels.scoring == "generate" and task.frozen_layers == 26
-    assert task.model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(task.model).is_file()
-    for choice, label in zip(task.test, labels.test):
-        question = choice["instruction"].removeprefix("Please answer the question: ")
-        assert label["instruction"].startswith(f"Please choose the correct answer to the question: {question}\n\nAnswer1: ")
-        assert label["answer"] == f"answer{choice['options'].index(choice['answer']) + 1}"
-    assert sum(len(r["options"]) == 2 for r in task.train + task.validation + task.test) == 4
-    assert task.chance() == pytest.approx(sum(1 / len(r["options"]) for r in task.test) / 450)
-    quick = task.quick()
-    assert (quick.steps, len(quick.train), len(quick.validation), len(quick.test)) == (40, 320, 0, 150)
-
-
-@needs_siqa
-@pytest.mark.slow
-def test_siqa_end_to_end_on_a_few_rows(tmp_path):
-    from moslora.compare.report import save
-    from moslora.compare.runner import run_comparison
-    from moslora.compare.siqa import siqa_task
-
-    task = siqa_task()
-    task = replace(task, steps=2, warmup_steps=0, log_every=1, train=task.train[:16], validation=task.validation[:3], test=task.test[:4])
-    results = run_comparison(task, methods=["lora", "moslora"], seeds=1, r=4, lrs=[1e-3], progress=False)
-    assert set(results["untrained"]) == {"test"} and 0 <= results["untrained"]["test"] <= 1
-    runs = results["runs"]
-    assert [(r["method"], r["seed"]) for r in runs] == [("lora", 0), ("moslora", 0)]
-    assert all(len(r["answers"]) == 4 and set(r["answers"]) <= {o for row in task.test for o in row["options"]} for r in runs)
-    assert runs[0]["curve"]["step"] == [1, 2] and all(loss > 0 for loss in runs[0]["curve"]["loss"])
-    paths = save(results, tmp_path, "moslora compare --task siqa")
-    assert "Before training: chance" in paths["markdown"].read_text()
-
-
 def test_a_task_file_with_plain_names_and_frozen_layers_runs_and_records_what_it_did(tiny_llama, tmp_path):
     """The shape of docs/compare.md's task file: choice scoring without a data set, the bottom layer
     cached, targets named plainly; the adapters sit in the layer above only."""
@@ -280,29 +208,3 @@ def test_a_task_file_with_plain_names_and_frozen_layers_runs_and_records_what_it
         assert run["config"]["exclude_modules"] == r"model\.(embed_tokens|layers\.(0))(\..*)?"
         assert run["curve"]["step"] == [1, 2]
     assert "log-probability per character" in (out / "results.md").read_text()
-
-
-needs_bbq = pytest.mark.skipif(bool(set(bigbench.missing()) & {f for f in bigbench.FILES if f.startswith("bbq_lite_json/")}),
-                               reason="the BIG-bench cache lacks bbq_lite_json: moslora data fetch")
-
-
-@needs_bbq
-def test_the_bbq_task_pools_the_18_subtasks_into_a_fixed_disjoint_split():
-    from moslora.compare.bbq import BBQ_FILES, bbq_questions, bbq_splits, bbq_task
-
-    assert len(BBQ_FILES) == 18
-    questions = bbq_questions()
-    assert len(questions) == 16076 and all(len(q.options) == 3 for q in questions)
-    task = bbq_task()
-    assert (len(task.train), len(task.validation), len(task.test)) == (15776, 100, 200)
-    assert (task.scoring, task.dataset, task.frozen_layers, task.precision) == ("choice", None, 22, "bf16")
-    assert task.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    assert task.exclude_modules.startswith(r"model\.(embed_tokens|layers\.(0|1|")
-    splits = bbq_splits(questions)
-    texts = {name: {(q.question, tuple(q.options)) for q in part} for name, part in splits.items()}
-    assert not texts["test"] & texts["train"] and not texts["validation"] & texts["train"]  # no test question is trained on
-    assert [r["instruction"] for r in task.test] == [f"Please answer the question: {q.question}" for q in splits["test"]]
-    assert all(r["answer"] in r["options"] and r["output"] == r["answer"] for r in task.test + task.train[:100])
-    assert task.chance() == pytest.approx(1 / 3)
-    quick = task.quick()
-    assert (task.steps, quick.steps, len(quick.train), len(quick.validation), len(quick.test), quick.quick_lr) == (30, 30, 240, 0, 150, 3e-3)
