@@ -128,7 +128,8 @@ def reference_probe(variant: str, source: str, r: int, seq: int, steps: int) -> 
                       "loss": trainer.state.log_history[0]["loss"]}))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the test suite parses the docs' commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["train", "reference"], help="run one section")
     p.add_argument("--ranks", default="8,64")
@@ -148,7 +149,11 @@ def main() -> None:
                         "max_length 16): the test suite's, checks the tables, not the numbers")
     p.add_argument("--_reference-probe", dest="_reference_probe", help=argparse.SUPPRESS)
     p.add_argument("--r", type=int, default=8, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args._reference_probe:
         reference_probe(args._reference_probe, args.dpo_model, args.r, args.dpo_seq, args.dpo_steps)
         return

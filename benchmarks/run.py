@@ -181,7 +181,8 @@ def memory_probe(args) -> None:
     print(json.dumps({"peak_mib": peak}))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the test suite parses the docs' commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-small", choices=["llama-small", "smollm2", "llama-tiny"])
     p.add_argument("--device", default="cpu")
@@ -197,7 +198,11 @@ def main() -> None:
     p.add_argument("--only", choices=["train", "memory", "inference"], help="run one section")
     p.add_argument("--r", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--_memory-probe", dest="_memory_probe", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args._memory_probe:
         memory_probe(args)
         return

