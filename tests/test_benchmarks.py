@@ -112,18 +112,18 @@ def test_run_py_prints_its_tables_at_its_smallest_size():
     assert len(found) == 4
 
 
-@pytest.mark.slow
 def test_gpu_sh_calls_run_py_with_flags_it_takes():
+    """gpu.sh needs a GPU to run for real: it parses, run.py takes every flag it passes, and the script runs
+    (``--help`` last: run.py reads gpu.sh's own flags, then prints its usage). ``benchmarks/gpu.sh --smoke
+    --device cpu`` is the whole of it on a CPU, which is ``run.py --smoke``'s test."""
     script = REPO / "benchmarks" / "gpu.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     (call,) = [line for line in script.read_text().splitlines() if "benchmarks/run.py" in line]
     flags = shlex.split(call.split("benchmarks/run.py", 1)[1].replace('"$@"', ""))
-    args = load("benchmarks/run.py").parser().parse_args(flags)
-    assert (args.device, args.dtype) == ("cuda", "bfloat16")
-    # The script itself, on a CPU: flags after gpu.sh's own win, so --device cpu is its dry run.
-    out = run(["bash", str(script), "--smoke", "--device", "cpu", "--only", "train"], env={"PYTHON": sys.executable})
-    assert out.startswith("# moslora benchmarks: llama-tiny, cpu, bfloat16, batch 2×16")
-    check(tables(out), "training step (forward + backward + AdamW), r=8", ["variant", "median ms", "× peft-lora", "× base"], TRAIN)
+    args = load("benchmarks/run.py").parser().parse_args([*flags, "--smoke"])
+    assert (args.device, args.dtype, args.smoke) == ("cuda", "bfloat16", True)  # flags after gpu.sh's own reach run.py
+    out = run(["bash", str(script), "--help"], env={"PYTHON": sys.executable})
+    assert out.startswith("usage: run.py") and "Speed and memory of moslora" in out
 
 
 @pytest.mark.slow
