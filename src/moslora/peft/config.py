@@ -6,6 +6,13 @@ every PEFT method treat it as LoRA. Saved, an adapter with a mixer records ``pef
 (which says what to do) in its error, where a LORA config would load A and B and drop M silently;
 :meth:`LoraConfig.from_pretrained` reads it back. An adapter without a mixer is saved as PEFT's own
 plain LoRA folder, which stock PEFT loads exactly.
+
+Importing this module files :class:`LoraConfig` in PEFT's table of configs by saved ``peft_type``
+(``PEFT_TYPE_TO_CONFIG_MAPPING``, where PEFT's ``register_peft_method`` files its own methods) under
+:data:`PEFT_ROUTE_TYPE`, a key PEFT does not use. Every loader that reads a config through PEFT's
+``PeftConfig`` then reads a MoSLoRA folder as this class: PEFT's ``AutoPeftModel*``, ``PeftModel.load_adapter``
+and ``hotswap_adapter``, transformers' ``load_adapter``, ``AutoModel*.from_pretrained(adapter_dir)`` and
+``pipeline``. A process that never imports moslora.peft has no such entry, and PEFT refuses the folder.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import peft
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
 
 from moslora.config import MIXERS
@@ -112,3 +120,7 @@ class LoraConfig(peft.LoraConfig):
         else:
             raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; moslora.peft loads LoRA and MoSLoRA adapters")
         return kwargs
+
+
+# Registration: a new key only (register_peft_method itself accepts only names of PEFT's PeftType enum).
+PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(PEFT_ROUTE_TYPE, LoraConfig)

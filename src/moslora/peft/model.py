@@ -29,15 +29,15 @@ _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token")
 _WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class PeftModel(peft.PeftModel):
-    """``peft.PeftModel`` whose :meth:`from_pretrained` also reads MoSLoRA folders, and checks that it
-    loaded every tensor of the adapter, mixers included. The model it returns is PEFT's own class for
-    the config's task type."""
+class _CheckedLoading:
+    """What moslora's PEFT model classes add to PEFT's: a :meth:`from_pretrained` that reads MoSLoRA
+    folders and checks that it loaded every tensor of the adapter, mixers included."""
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: peft.PeftConfig | None = None, **kwargs: Any) -> peft.PeftModel:
-        """PEFT's ``PeftModel.from_pretrained`` (same arguments) for a MoSLoRA or plain LoRA folder."""
+        """PEFT's ``PeftModel.from_pretrained`` (same arguments) for a MoSLoRA or plain LoRA folder. The model
+        it returns is PEFT's own class for the config's task type."""
         config = config if config is not None else read_config(model_id, **kwargs)
         saved = saved_keys(model_id, **kwargs)
         check_file(config, saved, model_id)
@@ -48,6 +48,33 @@ class PeftModel(peft.PeftModel):
             loaded.unload()  # hand the user's model back without the adapter that did not load whole
             raise
         return loaded
+
+
+class PeftModel(_CheckedLoading, peft.PeftModel):
+    """``peft.PeftModel`` whose :meth:`from_pretrained` also reads MoSLoRA folders and checks every tensor."""
+
+
+def _auto(name: str, peft_auto: type, peft_model: type) -> type:
+    # PEFT's AutoPeftModel* load the base model named in the adapter's config and hand it to their
+    # _target_peft_class, which they check by its name against the config's task type.
+    checked = type(peft_model.__name__, (_CheckedLoading, peft_model), {"__module__": __name__, "__doc__": peft_model.__doc__})
+    doc = (f"``peft.{name}`` for MoSLoRA and plain LoRA folders: the base model the adapter names, then the "
+           "adapter, every tensor checked (as :meth:`PeftModel.from_pretrained`).")
+    return type(name, (peft_auto,), {"__module__": __name__, "__doc__": doc, "_target_peft_class": checked})
+
+
+AutoPeftModel = _auto("AutoPeftModel", peft.AutoPeftModel, peft.PeftModel)
+AutoPeftModelForCausalLM = _auto("AutoPeftModelForCausalLM", peft.AutoPeftModelForCausalLM, peft.PeftModelForCausalLM)
+AutoPeftModelForSeq2SeqLM = _auto("AutoPeftModelForSeq2SeqLM", peft.AutoPeftModelForSeq2SeqLM, peft.PeftModelForSeq2SeqLM)
+AutoPeftModelForSequenceClassification = _auto("AutoPeftModelForSequenceClassification", peft.AutoPeftModelForSequenceClassification,
+                                               peft.PeftModelForSequenceClassification)
+AutoPeftModelForTokenClassification = _auto("AutoPeftModelForTokenClassification", peft.AutoPeftModelForTokenClassification,
+                                            peft.PeftModelForTokenClassification)
+AutoPeftModelForQuestionAnswering = _auto("AutoPeftModelForQuestionAnswering", peft.AutoPeftModelForQuestionAnswering,
+                                          peft.PeftModelForQuestionAnswering)
+AutoPeftModelForFeatureExtraction = _auto("AutoPeftModelForFeatureExtraction", peft.AutoPeftModelForFeatureExtraction,
+                                          peft.PeftModelForFeatureExtraction)
+
 
 
 def load_adapter(model: peft.PeftModel, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
