@@ -391,7 +391,12 @@ def test_a_new_adapter_from_the_same_config_object_is_allowed_and_gets_its_own_m
     model.add_adapter("second", config)  # as TRL does for its "ref" adapter
     layer = next(iter(layers_of(model).values()))
     assert not torch.equal(layer.lora_M["default"].weight, layer.lora_M["second"].weight)
-    get_peft_model(tiny_llama(), dataclasses.replace(config, r=2))  # a copy on a model without mixers is a config like any
+    # A shallow copy of a config in use on a model with mixers is what PEFT's add_weighted_adapter makes, refused
+    # when it is made (test_peft_route_refusals); a copy of an unused config, or of a deep copy, is a config like any.
+    with pytest.raises(ValueError, match="copy .* of the config of an adapter in a model with MoSLoRA mixers"):
+        dataclasses.replace(config, r=2)
+    get_peft_model(tiny_llama(), dataclasses.replace(copy.deepcopy(config), r=2))
+    get_peft_model(tiny_llama(), dataclasses.replace(mp.LoraConfig(r=4, target_modules=TARGETS["llama"]), r=2))
 
 
 # ----- what cannot get a mixer --------------------------------------------------------------------

@@ -108,7 +108,10 @@ def add_weighted_adapter(model: peft.PeftModel, adapters: list[str], weights: li
     by M·A), and has no mixer: for ``cat`` that is the block-diagonal mixer folded into the stacked A's,
     for ``svd`` the SVD of Σ wᵢ·ΔWᵢ with ΔWᵢ = sᵢ·Bᵢ·Mᵢ·Aᵢ, for the linear family the A's it combines are
     the folded ones. PEFT's own call on a model with mixers is refused
-    (:func:`moslora.peft.layers.check_adapter_config`). Returns ``model``."""
+    (:meth:`moslora.peft.LoraConfig.__post_init__`); so is a name the model already has, which PEFT would
+    silently skip. Returns ``model``."""
+    if adapter_name in model.peft_config:
+        raise ValueError(f"the model already has an adapter {adapter_name!r}; choose another name, or delete_adapter it first")
     with folded_mixers(model):
         model.add_weighted_adapter(adapters, weights, adapter_name, combination_type=combination_type, **kwargs)
     return model
