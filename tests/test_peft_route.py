@@ -156,24 +156,24 @@ def test_without_a_mixer_the_folder_is_peft_s_own_plain_lora(tmp_path):
     assert mp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).peft_config["default"].mixer is None
 
 
-def test_stock_peft_refuses_a_folder_with_a_mixer_and_says_what_to_do(tmp_path):
-    from peft import AutoPeftModelForCausalLM
+def test_with_moslora_peft_imported_stock_peft_s_entry_points_read_the_folder_exactly(tmp_path):
+    # Without moslora.peft they refuse it (test_stock_peft_refuses_it_in_a_process_that_never_imported_moslora,
+    # and test_peft_route_loaders for AutoPeftModel, transformers and pipeline).
     from peft.utils.hotswap import hotswap_adapter
 
     base = tiny_llama()
-    ours(base).save_pretrained(tmp_path)
-    attempts = {
-        "PeftModel.from_pretrained": lambda: peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path),
-        "PeftConfig.from_pretrained": lambda: peft.PeftConfig.from_pretrained(tmp_path),
-        "AutoPeftModelForCausalLM": lambda: AutoPeftModelForCausalLM.from_pretrained(tmp_path),
-        "load_adapter": lambda: ours(base, None).load_adapter(tmp_path, "other"),
-        "hotswap_adapter": lambda: hotswap_adapter(ours(base), str(tmp_path), "default", torch_device="cpu"),
-        "transformers load_adapter": lambda: copy.deepcopy(base).load_adapter(str(tmp_path)),
-    }
-    for what, attempt in attempts.items():
-        with pytest.raises(KeyError, match="moslora.peft.PeftModel.from_pretrained") as error:
-            attempt()
-        assert "moslora export" in str(error.value), what
+    model = ours(base)
+    model.save_pretrained(tmp_path)
+    config = peft.PeftConfig.from_pretrained(tmp_path)
+    assert type(config) is mp.LoraConfig and config.mixer == "kaiming"
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)), logits(model), atol=0, rtol=0)
+    other = ours(base, None)
+    other.load_adapter(tmp_path, "other")
+    other.set_adapter("other")
+    torch.testing.assert_close(logits(other), logits(model), atol=0, rtol=0)
+    swapped = ours(base, seed=5)
+    hotswap_adapter(swapped, str(tmp_path), "default", torch_device="cpu")
+    torch.testing.assert_close(logits(swapped), logits(model), atol=0, rtol=0)
 
 
 @pytest.mark.slow
