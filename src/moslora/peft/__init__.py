@@ -10,7 +10,8 @@ merging and TRL's ``peft_config=`` then run MoSLoRA. A saved folder with a mixer
 than drop the mixer. With this module imported, PEFT's and transformers' own loaders read such a folder
 too (``AutoPeftModelForCausalLM``, ``model.load_adapter``, ``AutoModelForCausalLM.from_pretrained(adapter_dir)``,
 ``pipeline``); :class:`AutoPeftModelForCausalLM` and its siblings here also check every tensor.
-:func:`add_weighted_adapter` is PEFT's, exact with mixers.
+:func:`add_weighted_adapter` is PEFT's, exact with mixers; :func:`hotswap_adapter` is PEFT's hot swap with
+the mixer swapped along (PEFT's own would zero it).
 
 The mixer plugs in where PEFT plugs its own LoRA variants (see :mod:`moslora.peft.layers`); that
 interface is young and changes between PEFT releases, so this module runs with the PEFT versions it is
@@ -35,6 +36,7 @@ if not _found.startswith("found") or not _SpecifierSet(PEFT_VERSIONS).contains(_
     raise ImportError(f"moslora.peft needs peft{PEFT_VERSIONS} (the versions it is tested with); {_found}: pip install 'peft{PEFT_VERSIONS}'")
 
 from moslora.peft.config import LoraConfig  # noqa: E402  (after the version check, which must run first)
+from moslora.peft.hotswap import hotswap_adapter  # noqa: E402
 from moslora.peft.model import (  # noqa: E402
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -51,4 +53,5 @@ from moslora.peft.model import (  # noqa: E402
 
 __all__ = ["PEFT_VERSIONS", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
            "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-           "AutoPeftModelForTokenClassification", "LoraConfig", "PeftModel", "add_weighted_adapter", "folded_mixers", "load_adapter"]
+           "AutoPeftModelForTokenClassification", "LoraConfig", "PeftModel", "add_weighted_adapter", "folded_mixers",
+           "hotswap_adapter", "load_adapter"]
