@@ -10,6 +10,8 @@ merging and TRL's ``peft_config=`` then run MoSLoRA. A saved folder with a mixer
 than drop the mixer. With this module imported, PEFT's and transformers' own loaders read such a folder
 too (``AutoPeftModelForCausalLM``, ``model.load_adapter``, ``AutoModelForCausalLM.from_pretrained(adapter_dir)``,
 ``pipeline``); :class:`AutoPeftModelForCausalLM` and its siblings here also check every tensor.
+:func:`get_peft_model` and :func:`add_adapter` are PEFT's with every target checked first, so that
+what they refuse changes nothing (PEFT's own meet a refused target after wrapping the earlier ones);
 :func:`add_weighted_adapter` is PEFT's, exact with mixers; :func:`hotswap_adapter` is PEFT's hot swap with
 the mixer swapped along (PEFT's own would zero it).
 
@@ -46,12 +48,14 @@ from moslora.peft.model import (  # noqa: E402
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
     PeftModel,
+    add_adapter,
     add_weighted_adapter,
     folded_mixers,
+    get_peft_model,
     load_adapter,
 )
 
 __all__ = ["PEFT_VERSIONS", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
            "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-           "AutoPeftModelForTokenClassification", "LoraConfig", "PeftModel", "add_weighted_adapter", "folded_mixers",
-           "hotswap_adapter", "load_adapter"]
+           "AutoPeftModelForTokenClassification", "LoraConfig", "PeftModel", "add_adapter", "add_weighted_adapter", "folded_mixers",
+           "get_peft_model", "hotswap_adapter", "load_adapter"]

@@ -104,6 +104,17 @@ class Linear(MixerLayer, PeftLinear):
     """PEFT's ``lora.Linear`` (``nn.Linear``, and transformers' ``Conv1D`` with ``fan_in_fan_out``) with the mixer."""
 
 
+def check_mixer_field(layer: LoraLayer, adapter_name: str, config: Any, target_name: str | None) -> None:
+    """A config without a ``mixer`` field (PEFT's own ``LoraConfig``) has nothing to choose by on these layers."""
+    if not hasattr(config, "mixer"):
+        raise TypeError(
+            f"adapter {adapter_name!r} on {target_name or type(layer.get_base_layer()).__name__!r}: this layer carries "
+            "moslora.peft adapters, so further adapters need a moslora.peft.LoraConfig "
+            f"(mixer=None for plain LoRA), not {type(config).__module__}.{type(config).__name__}; "
+            "moslora.peft.load_adapter loads a saved one"
+        )
+
+
 def check_adapter_config(layer: LoraLayer, adapter_name: str, config: Any, target_name: str | None) -> None:
     """Refuse, before the layer changes, an adapter config these layers would run wrongly: a config
     without a ``mixer`` field to choose by (PEFT's own ``LoraConfig``), or a shallow copy of the config
@@ -111,12 +122,7 @@ def check_adapter_config(layer: LoraLayer, adapter_name: str, config: Any, targe
     its new adapter from such a copy (``dataclasses.replace``) and then writes its A and B from the
     other adapters' A and B, which without their mixers would be a different adapter, silently."""
     where = f"adapter {adapter_name!r} on {target_name or type(layer.get_base_layer()).__name__!r}"
-    if not hasattr(config, "mixer"):
-        raise TypeError(
-            f"{where}: this layer carries moslora.peft adapters, so further adapters need a moslora.peft.LoraConfig "
-            f"(mixer=None for plain LoRA), not {type(config).__module__}.{type(config).__name__}; "
-            "moslora.peft.load_adapter loads a saved one"
-        )
+    check_mixer_field(layer, adapter_name, config, target_name)
     lineage = config._lineage
     if lineage.owner is None or lineage.owner() is None:
         lineage.owner = weakref.ref(config)

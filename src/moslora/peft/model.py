@@ -23,6 +23,7 @@ from torch import nn
 
 from moslora.core.layers import fold_mixer
 from moslora.peft.config import LoraConfig
+from moslora.peft.dispatch import check_targets
 from moslora.peft.layers import MixerLayer
 
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token")
@@ -77,6 +78,25 @@ AutoPeftModelForFeatureExtraction = _auto("AutoPeftModelForFeatureExtraction", p
 
 
 
+def get_peft_model(model: nn.Module, peft_config: peft.PeftConfig, adapter_name: str = "default", **kwargs: Any) -> peft.PeftModel:
+    """PEFT's ``get_peft_model`` (same arguments), with every target checked before PEFT wraps any
+    (:func:`moslora.peft.dispatch.check_targets`): a refusal leaves ``model`` as it was, where PEFT's own
+    would have wrapped the targets that come before the refused one."""
+    check_targets(model, peft_config, adapter_name)
+    return peft.get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs)
+
+
+def add_adapter(model: peft.PeftModel, adapter_name: str, peft_config: peft.PeftConfig, low_cpu_mem_usage: bool = False) -> peft.PeftModel:
+    """PEFT's ``model.add_adapter`` (same arguments), with every target checked before anything changes
+    (:func:`moslora.peft.dispatch.check_targets`), notably a mixer config on layers stock PEFT built
+    (bitsandbytes' among them), which PEFT's own would run without the mixer. Returns ``model``."""
+    if adapter_name in model.peft_config:
+        raise ValueError(f"the model already has an adapter {adapter_name!r}; choose another name, or delete_adapter it first")
+    check_targets(model, peft_config, adapter_name)
+    model.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+    return model
+
+
 def load_adapter(model: peft.PeftModel, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                  **kwargs: Any) -> peft.PeftModel:
     """Add the adapter saved in ``model_id`` (MoSLoRA or plain LoRA) to ``model`` as ``adapter_name``:
@@ -88,7 +108,7 @@ def load_adapter(model: peft.PeftModel, model_id: str | os.PathLike, adapter_nam
     saved = saved_keys(model_id, **kwargs)
     check_file(config, saved, model_id)
     config.inference_mode = not is_trainable
-    model.add_adapter(adapter_name, config, low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False))
+    add_adapter(model, adapter_name, config, low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False))
     try:
         model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
         check_loaded(model, adapter_name, saved, model_id)
