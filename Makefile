@@ -52,7 +52,7 @@ $(OLDEST)/bin/.installed: pyproject.toml Makefile
 	touch $@
 
 test-peft-oldest: $(OLDEST)/bin/.installed
-	$(OLDEST)/bin/python -m pytest -q tests/test_peft_route.py tests/test_peft_route_trl.py
+	$(OLDEST)/bin/python -m pytest -q tests/test_peft_route*.py
 
 clean:
 	rm -rf $(VENV) $(OLDEST)

@@ -156,24 +156,24 @@ def test_without_a_mixer_the_folder_is_peft_s_own_plain_lora(tmp_path):
     assert mp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).peft_config["default"].mixer is None
 
 
-def test_stock_peft_refuses_a_folder_with_a_mixer_and_says_what_to_do(tmp_path):
-    from peft import AutoPeftModelForCausalLM
+def test_with_moslora_peft_imported_stock_peft_s_entry_points_read_the_folder_exactly(tmp_path):
+    # Without moslora.peft they refuse it (test_stock_peft_refuses_it_in_a_process_that_never_imported_moslora,
+    # and test_peft_route_loaders for AutoPeftModel, transformers and pipeline).
     from peft.utils.hotswap import hotswap_adapter
 
     base = tiny_llama()
-    ours(base).save_pretrained(tmp_path)
-    attempts = {
-        "PeftModel.from_pretrained": lambda: peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path),
-        "PeftConfig.from_pretrained": lambda: peft.PeftConfig.from_pretrained(tmp_path),
-        "AutoPeftModelForCausalLM": lambda: AutoPeftModelForCausalLM.from_pretrained(tmp_path),
-        "load_adapter": lambda: ours(base, None).load_adapter(tmp_path, "other"),
-        "hotswap_adapter": lambda: hotswap_adapter(ours(base), str(tmp_path), "default", torch_device="cpu"),
-        "transformers load_adapter": lambda: copy.deepcopy(base).load_adapter(str(tmp_path)),
-    }
-    for what, attempt in attempts.items():
-        with pytest.raises(KeyError, match="moslora.peft.PeftModel.from_pretrained") as error:
-            attempt()
-        assert "moslora export" in str(error.value), what
+    model = ours(base)
+    model.save_pretrained(tmp_path)
+    config = peft.PeftConfig.from_pretrained(tmp_path)
+    assert type(config) is mp.LoraConfig and config.mixer == "kaiming"
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)), logits(model), atol=0, rtol=0)
+    other = ours(base, None)
+    other.load_adapter(tmp_path, "other")
+    other.set_adapter("other")
+    torch.testing.assert_close(logits(other), logits(model), atol=0, rtol=0)
+    swapped = ours(base, seed=5)
+    hotswap_adapter(swapped, str(tmp_path), "default", torch_device="cpu")
+    torch.testing.assert_close(logits(swapped), logits(model), atol=0, rtol=0)
 
 
 @pytest.mark.slow
@@ -391,7 +391,12 @@ def test_a_new_adapter_from_the_same_config_object_is_allowed_and_gets_its_own_m
     model.add_adapter("second", config)  # as TRL does for its "ref" adapter
     layer = next(iter(layers_of(model).values()))
     assert not torch.equal(layer.lora_M["default"].weight, layer.lora_M["second"].weight)
-    get_peft_model(tiny_llama(), dataclasses.replace(config, r=2))  # a copy on a model without mixers is a config like any
+    # A shallow copy of a config in use on a model with mixers is what PEFT's add_weighted_adapter makes, refused
+    # when it is made (test_peft_route_refusals); a copy of an unused config, or of a deep copy, is a config like any.
+    with pytest.raises(ValueError, match="copy .* of the config of an adapter in a model with MoSLoRA mixers"):
+        dataclasses.replace(config, r=2)
+    get_peft_model(tiny_llama(), dataclasses.replace(copy.deepcopy(config), r=2))
+    get_peft_model(tiny_llama(), dataclasses.replace(mp.LoraConfig(r=4, target_modules=TARGETS["llama"]), r=2))
 
 
 # ----- what cannot get a mixer --------------------------------------------------------------------

@@ -6,6 +6,13 @@ every PEFT method treat it as LoRA. Saved, an adapter with a mixer records ``pef
 (which says what to do) in its error, where a LORA config would load A and B and drop M silently;
 :meth:`LoraConfig.from_pretrained` reads it back. An adapter without a mixer is saved as PEFT's own
 plain LoRA folder, which stock PEFT loads exactly.
+
+Importing this module files :class:`LoraConfig` in PEFT's table of configs by saved ``peft_type``
+(``PEFT_TYPE_TO_CONFIG_MAPPING``, where PEFT's ``register_peft_method`` files its own methods) under
+:data:`PEFT_ROUTE_TYPE`, a key PEFT does not use. Every loader that reads a config through PEFT's
+``PeftConfig`` then reads a MoSLoRA folder as this class: PEFT's ``AutoPeftModel*``, ``PeftModel.load_adapter``
+and ``hotswap_adapter``, transformers' ``load_adapter``, ``AutoModel*.from_pretrained(adapter_dir)`` and
+``pipeline``. A process that never imports moslora.peft has no such entry, and PEFT refuses the folder.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import peft
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from torch import nn
 
 from moslora.config import MIXERS
@@ -28,19 +36,39 @@ _MIXER_INITS = (True, False, "gaussian")
 
 
 class _Lineage:
-    """Which config object first made an adapter. Shallow copies of a config (``dataclasses.replace``,
-    ``copy.copy``) share it, deep copies get a new one: that is how a layer tells a copy of another
-    adapter's config, as PEFT's ``add_weighted_adapter`` makes, from a config of its own
-    (:func:`moslora.peft.layers.check_adapter_config`)."""
+    """Which config object first made an adapter, and the layers that adapter went on. Shallow copies of
+    a config (``dataclasses.replace``, ``copy.copy``) share it, deep copies get a new one: that is how a
+    copy of another adapter's config, as PEFT's ``add_weighted_adapter`` makes, is told from a config of
+    its own (:meth:`LoraConfig.__post_init__`, :func:`moslora.peft.layers.check_adapter_config`)."""
 
     def __init__(self) -> None:
         self.owner: weakref.ref | None = None
+        self.layers: weakref.WeakSet = weakref.WeakSet()
 
     def __deepcopy__(self, memo: dict) -> "_Lineage":
         return _Lineage()
 
     def __reduce__(self) -> tuple:
         return _Lineage, ()  # a pickled config, like a deep copy, starts its own lineage
+
+    def copied(self, config: "LoraConfig") -> bool:
+        owner = self.owner() if self.owner is not None else None
+        return owner is not None and owner is not config
+
+    def mixer_layer(self) -> str | None:
+        """The name of a layer holding a mixer among the layers reachable from this lineage's (a layer
+        leads to the lineages of every adapter on it): in practice, the model the adapter is in."""
+        seen, todo = {id(self)}, [self]
+        while todo:
+            for layer in list(todo.pop().layers):
+                if len(layer.lora_M):
+                    return layer.moslora_target_name
+                for ref in layer.moslora_lineages.values():
+                    other = ref()
+                    if other is not None and id(other) not in seen:
+                        seen.add(id(other))
+                        todo.append(other)
+        return None
 
 
 @dataclass
@@ -67,12 +95,29 @@ class LoraConfig(peft.LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self._refuse_a_copy_on_a_model_with_mixers()
         if self.mixer is not None:
             if self.mixer not in MIXERS:
                 raise ValueError(f"LoraConfig.mixer must be one of {MIXERS} or None, got {self.mixer!r}")
             self._check_mixer_combines()
         # Every target goes through mixer_layer first; it hands PEFT back what it leaves to PEFT.
         self._register_custom_module({nn.Module: mixer_layer})
+
+    def _refuse_a_copy_on_a_model_with_mixers(self) -> None:
+        # PEFT's add_weighted_adapter makes its new adapter's config with dataclasses.replace of the first
+        # source's config, stores it in peft_config and then combines the sources' A and B without their
+        # mixers. Refused here, before PEFT stores it, the model is left exactly as it was.
+        if not self._lineage.copied(self):
+            return
+        layer = self._lineage.mixer_layer()
+        if layer is not None:
+            raise ValueError(
+                f"moslora.peft: this LoraConfig is a copy (dataclasses.replace) of the config of an adapter in a model "
+                f"with MoSLoRA mixers (layer {layer!r}). PEFT's add_weighted_adapter makes its adapter that way and then "
+                "combines the adapters' A and B without their mixers, which is not the combination you asked for: use "
+                "moslora.peft.add_weighted_adapter(model, ...), which is exact (the model is unchanged). For a new "
+                "adapter, make a new moslora.peft.LoraConfig, or copy.deepcopy this one"
+            )
 
     def _check_mixer_combines(self) -> None:
         for f in dataclasses.fields(self):
@@ -112,3 +157,7 @@ class LoraConfig(peft.LoraConfig):
         else:
             raise ValueError(f"adapter_config.json has peft_type {peft_type!r}; moslora.peft loads LoRA and MoSLoRA adapters")
         return kwargs
+
+
+# Registration: a new key only (register_peft_method itself accepts only names of PEFT's PeftType enum).
+PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(PEFT_ROUTE_TYPE, LoraConfig)

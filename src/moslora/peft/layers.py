@@ -80,6 +80,7 @@ class MixerLayer:
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: Any, **kwargs: Any) -> None:
         if "lora_M" not in self._modules:
             self.lora_M = nn.ModuleDict()
+            self.moslora_lineages = _Lineages()
         check_adapter_config(self, adapter_name, config, kwargs.get("target_name"))
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
 
@@ -91,8 +92,27 @@ class MixerLayer:
         return (delta.T if self.fan_in_fan_out else delta).to(B.dtype)
 
 
+class _Lineages(dict):
+    """Adapter name → a weak reference to the lineage of the config it was made with. Copies and pickles
+    of a layer start empty (weak references cannot be pickled; a deep copy's configs have new lineages)."""
+
+    def __reduce__(self) -> tuple:
+        return _Lineages, ()
+
+
 class Linear(MixerLayer, PeftLinear):
     """PEFT's ``lora.Linear`` (``nn.Linear``, and transformers' ``Conv1D`` with ``fan_in_fan_out``) with the mixer."""
+
+
+def check_mixer_field(layer: LoraLayer, adapter_name: str, config: Any, target_name: str | None) -> None:
+    """A config without a ``mixer`` field (PEFT's own ``LoraConfig``) has nothing to choose by on these layers."""
+    if not hasattr(config, "mixer"):
+        raise TypeError(
+            f"adapter {adapter_name!r} on {target_name or type(layer.get_base_layer()).__name__!r}: this layer carries "
+            "moslora.peft adapters, so further adapters need a moslora.peft.LoraConfig "
+            f"(mixer=None for plain LoRA), not {type(config).__module__}.{type(config).__name__}; "
+            "moslora.peft.load_adapter loads a saved one"
+        )
 
 
 def check_adapter_config(layer: LoraLayer, adapter_name: str, config: Any, target_name: str | None) -> None:
@@ -102,20 +122,18 @@ def check_adapter_config(layer: LoraLayer, adapter_name: str, config: Any, targe
     its new adapter from such a copy (``dataclasses.replace``) and then writes its A and B from the
     other adapters' A and B, which without their mixers would be a different adapter, silently."""
     where = f"adapter {adapter_name!r} on {target_name or type(layer.get_base_layer()).__name__!r}"
-    if not hasattr(config, "mixer"):
-        raise TypeError(
-            f"{where}: this layer carries moslora.peft adapters, so further adapters need a moslora.peft.LoraConfig "
-            f"(mixer=None for plain LoRA), not {type(config).__module__}.{type(config).__name__}; "
-            "moslora.peft.load_adapter loads a saved one"
-        )
+    check_mixer_field(layer, adapter_name, config, target_name)
     lineage = config._lineage
-    owner = lineage.owner() if lineage.owner is not None else None
-    if owner is None:
+    if lineage.owner is None or lineage.owner() is None:
         lineage.owner = weakref.ref(config)
-    elif owner is not config and len(layer.lora_M):
+    elif lineage.copied(config) and len(layer.lora_M):
         raise ValueError(
             f"{where}: its LoraConfig is a copy (dataclasses.replace, copy.copy) of the config another adapter was made "
             "with, on a layer with MoSLoRA adapters. PEFT's add_weighted_adapter makes its adapter that way and then "
             "combines the adapters' A and B without their mixers, which is not the combination you asked for: use "
             "moslora.peft.add_weighted_adapter(model, ...), which is exact. For a new adapter, make a new moslora.peft.LoraConfig"
         )
+    # What LoraConfig.__post_init__ walks to tell whether a copy is made on a model with mixers.
+    lineage.layers.add(layer)
+    layer.moslora_target_name = target_name or type(layer.get_base_layer()).__name__
+    layer.moslora_lineages[adapter_name] = weakref.ref(lineage)

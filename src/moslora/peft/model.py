@@ -23,21 +23,22 @@ from torch import nn
 
 from moslora.core.layers import fold_mixer
 from moslora.peft.config import LoraConfig
+from moslora.peft.dispatch import check_targets
 from moslora.peft.layers import MixerLayer
 
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "use_auth_token")
 _WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-class PeftModel(peft.PeftModel):
-    """``peft.PeftModel`` whose :meth:`from_pretrained` also reads MoSLoRA folders, and checks that it
-    loaded every tensor of the adapter, mixers included. The model it returns is PEFT's own class for
-    the config's task type."""
+class _CheckedLoading:
+    """What moslora's PEFT model classes add to PEFT's: a :meth:`from_pretrained` that reads MoSLoRA
+    folders and checks that it loaded every tensor of the adapter, mixers included."""
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: peft.PeftConfig | None = None, **kwargs: Any) -> peft.PeftModel:
-        """PEFT's ``PeftModel.from_pretrained`` (same arguments) for a MoSLoRA or plain LoRA folder."""
+        """PEFT's ``PeftModel.from_pretrained`` (same arguments) for a MoSLoRA or plain LoRA folder. The model
+        it returns is PEFT's own class for the config's task type."""
         config = config if config is not None else read_config(model_id, **kwargs)
         saved = saved_keys(model_id, **kwargs)
         check_file(config, saved, model_id)
@@ -48,6 +49,52 @@ class PeftModel(peft.PeftModel):
             loaded.unload()  # hand the user's model back without the adapter that did not load whole
             raise
         return loaded
+
+
+class PeftModel(_CheckedLoading, peft.PeftModel):
+    """``peft.PeftModel`` whose :meth:`from_pretrained` also reads MoSLoRA folders and checks every tensor."""
+
+
+def _auto(name: str, peft_auto: type, peft_model: type) -> type:
+    # PEFT's AutoPeftModel* load the base model named in the adapter's config and hand it to their
+    # _target_peft_class, which they check by its name against the config's task type.
+    checked = type(peft_model.__name__, (_CheckedLoading, peft_model), {"__module__": __name__, "__doc__": peft_model.__doc__})
+    doc = (f"``peft.{name}`` for MoSLoRA and plain LoRA folders: the base model the adapter names, then the "
+           "adapter, every tensor checked (as :meth:`PeftModel.from_pretrained`).")
+    return type(name, (peft_auto,), {"__module__": __name__, "__doc__": doc, "_target_peft_class": checked})
+
+
+AutoPeftModel = _auto("AutoPeftModel", peft.AutoPeftModel, peft.PeftModel)
+AutoPeftModelForCausalLM = _auto("AutoPeftModelForCausalLM", peft.AutoPeftModelForCausalLM, peft.PeftModelForCausalLM)
+AutoPeftModelForSeq2SeqLM = _auto("AutoPeftModelForSeq2SeqLM", peft.AutoPeftModelForSeq2SeqLM, peft.PeftModelForSeq2SeqLM)
+AutoPeftModelForSequenceClassification = _auto("AutoPeftModelForSequenceClassification", peft.AutoPeftModelForSequenceClassification,
+                                               peft.PeftModelForSequenceClassification)
+AutoPeftModelForTokenClassification = _auto("AutoPeftModelForTokenClassification", peft.AutoPeftModelForTokenClassification,
+                                            peft.PeftModelForTokenClassification)
+AutoPeftModelForQuestionAnswering = _auto("AutoPeftModelForQuestionAnswering", peft.AutoPeftModelForQuestionAnswering,
+                                          peft.PeftModelForQuestionAnswering)
+AutoPeftModelForFeatureExtraction = _auto("AutoPeftModelForFeatureExtraction", peft.AutoPeftModelForFeatureExtraction,
+                                          peft.PeftModelForFeatureExtraction)
+
+
+
+def get_peft_model(model: nn.Module, peft_config: peft.PeftConfig, adapter_name: str = "default", **kwargs: Any) -> peft.PeftModel:
+    """PEFT's ``get_peft_model`` (same arguments), with every target checked before PEFT wraps any
+    (:func:`moslora.peft.dispatch.check_targets`): a refusal leaves ``model`` as it was, where PEFT's own
+    would have wrapped the targets that come before the refused one."""
+    check_targets(model, peft_config, adapter_name)
+    return peft.get_peft_model(model, peft_config, adapter_name=adapter_name, **kwargs)
+
+
+def add_adapter(model: peft.PeftModel, adapter_name: str, peft_config: peft.PeftConfig, low_cpu_mem_usage: bool = False) -> peft.PeftModel:
+    """PEFT's ``model.add_adapter`` (same arguments), with every target checked before anything changes
+    (:func:`moslora.peft.dispatch.check_targets`), notably a mixer config on layers stock PEFT built
+    (bitsandbytes' among them), which PEFT's own would run without the mixer. Returns ``model``."""
+    if adapter_name in model.peft_config:
+        raise ValueError(f"the model already has an adapter {adapter_name!r}; choose another name, or delete_adapter it first")
+    check_targets(model, peft_config, adapter_name)
+    model.add_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+    return model
 
 
 def load_adapter(model: peft.PeftModel, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
@@ -61,7 +108,7 @@ def load_adapter(model: peft.PeftModel, model_id: str | os.PathLike, adapter_nam
     saved = saved_keys(model_id, **kwargs)
     check_file(config, saved, model_id)
     config.inference_mode = not is_trainable
-    model.add_adapter(adapter_name, config, low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False))
+    add_adapter(model, adapter_name, config, low_cpu_mem_usage=kwargs.get("low_cpu_mem_usage", False))
     try:
         model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
         check_loaded(model, adapter_name, saved, model_id)
@@ -81,7 +128,10 @@ def add_weighted_adapter(model: peft.PeftModel, adapters: list[str], weights: li
     by M·A), and has no mixer: for ``cat`` that is the block-diagonal mixer folded into the stacked A's,
     for ``svd`` the SVD of Σ wᵢ·ΔWᵢ with ΔWᵢ = sᵢ·Bᵢ·Mᵢ·Aᵢ, for the linear family the A's it combines are
     the folded ones. PEFT's own call on a model with mixers is refused
-    (:func:`moslora.peft.layers.check_adapter_config`). Returns ``model``."""
+    (:meth:`moslora.peft.LoraConfig.__post_init__`); so is a name the model already has, which PEFT would
+    silently skip. Returns ``model``."""
+    if adapter_name in model.peft_config:
+        raise ValueError(f"the model already has an adapter {adapter_name!r}; choose another name, or delete_adapter it first")
     with folded_mixers(model):
         model.add_weighted_adapter(adapters, weights, adapter_name, combination_type=combination_type, **kwargs)
     return model
