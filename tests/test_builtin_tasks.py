@@ -160,7 +160,7 @@ def test_commonsense_end_to_end_on_a_few_rows_writes_the_per_set_table(tmp_path)
     paths = save(results, tmp_path, "moslora compare --task commonsense --r 16")
     markdown = paths["markdown"].read_text()
     assert "| method | " + " | ".join(olmo.SETS) + " | average |" in markdown
-    assert "1 test questions per set (8 in all)" in markdown
+    assert "1 test question per set (8 in all)" in markdown
     section = markdown[markdown.index("## Per set"):markdown.index("## Convergence")]
     assert [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")] == [
         "| method", "| untrained model", "| lora", "| moslora", "| moslora − LoRA"]

@@ -102,7 +102,7 @@ def _per_set_columns(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]
 def _per_set_caption(table: dict[str, Any]) -> str:
     sizes = table["sizes"]
     counts = set(sizes.values())
-    per = (f"{counts.pop()} test questions per set" if len(counts) == 1
+    per = (f"{next(iter(counts))} test question{'s' if counts != {1} else ''} per set" if len(counts) == 1
            else "test questions per set: " + ", ".join(f"{name} {n}" for name, n in sizes.items()))
     seeds = sorted({row["n"] for row in table["rows"]})
     text = (f"Test accuracy (%) per set, mean over each method's {'/'.join(map(str, seeds))} test seed(s); {per} "
