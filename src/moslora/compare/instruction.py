@@ -56,7 +56,9 @@ class InstructionTask(Budget):
     answer label of ``dataset`` in the text, no label counting as wrong; ``loglik``: the most likely
     label; ``choice``: the option text with the highest log-probability per character). ``model``
     is a model directory, a hub id, or a ``.gguf`` file. ``precision`` (see :data:`PRECISIONS`) is
-    the same for every method, so it never favours one.
+    the same for every method, so it never favours one. Rows may say which data set they come from
+    (``set``, as a task pooling several sets does): scoring then also gives each set's accuracy
+    (``by_set``) and the report a column per set and their average.
     """
 
     name: str
@@ -100,6 +102,12 @@ class InstructionTask(Budget):
             raise ValueError(f"field 'dataset' must be one of the paper's data sets {sorted(TASKS)}, got {self.dataset!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"field 'precision' must be one of {PRECISIONS}, got {self.precision!r}")
+        for split in ("validation", "test"):
+            rows = getattr(self, split)
+            labelled = [isinstance(row.get("set"), str) and row["set"] != "" for row in rows]
+            if any(labelled) and not all(labelled):
+                raise ValueError(f"field {split!r}: row {labelled.index(False) + 1} has no 'set' (a non-empty string), "
+                                 "though other rows do: give every row its set, or none")
         if self.scoring == "choice":
             for split in ("validation", "test"):
                 try:
@@ -117,9 +125,11 @@ class InstructionTask(Budget):
         return None
 
     def _kind_settings(self) -> dict[str, Any]:
+        sets = set_sizes(self.test)
         return {"dataset": self.source or None, "extraction": self.dataset, "scoring": self.scoring, "max_length": self.max_length,
                 "choice_normalization": "character" if self.scoring == "choice" else None,
-                "max_new_tokens": self.max_new_tokens, "frozen_layers": self.frozen_layers, "precision": self.precision}
+                "max_new_tokens": self.max_new_tokens, "frozen_layers": self.frozen_layers, "precision": self.precision,
+                **({"test_sets": sets} if sets else {})}
 
     def chance(self) -> float | None:
         """Choice scoring: the mean of 1/(number of options) over the test rows (a uniform guess)."""
@@ -230,12 +240,42 @@ class InstructionData:
             flat = per_character(flat, [option for opts in options for option in opts])
             answers = [p["extracted"] for p in pick_options(options, flat)]
             correct = sum(a == r["answer"] for a, r in zip(answers, rows))
-            return {"metric": "accuracy", "value": correct / len(rows), "no_answer": 0, "answers": answers}
+            return {"metric": "accuracy", "value": correct / len(rows), "no_answer": 0, "answers": answers,
+                    **_by_set(rows, answers)}
         with autocast(task.precision, self.device):
             result = evaluate(model, self.tokenizer, getattr(task, split), task.dataset, scoring=task.scoring,
                               batch_size=task.eval_batch_size, max_new_tokens=task.max_new_tokens)
-        return {"metric": "accuracy", "value": result["accuracy"], "no_answer": result["no_answer"],
-                "answers": [example["extracted"] for example in result["examples"]]}
+        answers = [example["extracted"] for example in result["examples"]]
+        return {"metric": "accuracy", "value": result["accuracy"], "no_answer": result["no_answer"], "answers": answers,
+                **_by_set(getattr(task, split), answers)}
+
+
+def set_sizes(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """set → its number of rows, in the order the sets first appear; empty when the rows carry no
+    ``set`` (a task pooling several data sets labels each row with its own, see
+    :mod:`moslora.compare.sources`)."""
+    sizes: dict[str, int] = {}
+    for row in rows:
+        if row.get("set"):
+            sizes[row["set"]] = sizes.get(row["set"], 0) + 1
+    return sizes
+
+
+def accuracy_by_set(rows: list[dict[str, Any]], answers: list[str | None]) -> dict[str, float]:
+    """set → the share of its rows whose answer is the row's ``answer`` (sets in the order they
+    first appear)."""
+    sizes = set_sizes(rows)
+    correct = dict.fromkeys(sizes, 0)
+    for row, answer in zip(rows, answers, strict=True):
+        if row.get("set"):
+            correct[row["set"]] += answer == row["answer"]
+    return {name: correct[name] / n for name, n in sizes.items()}
+
+
+def _by_set(rows: list[dict[str, Any]], answers: list[str | None]) -> dict[str, Any]:
+    """``{"by_set": accuracy_by_set(...)}`` for rows that carry their set, else nothing (a task of
+    one data set records what it always did)."""
+    return {"by_set": accuracy_by_set(rows, answers)} if set_sizes(rows) else {}
 
 
 def check_targets(task: InstructionTask) -> list[str]:

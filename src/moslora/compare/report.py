@@ -9,7 +9,7 @@ from typing import Any
 
 from moslora.compare import views
 from moslora.compare.methods import BASELINE
-from moslora.compare.stats import describe, paired
+from moslora.compare.stats import describe, paired, seeds_for_half_width
 from moslora.compare.views import finished_seeds, pyplot, save_figure, test_values
 from moslora.io.atomic import atomic_write_json, atomic_write_text
 
@@ -42,6 +42,84 @@ def summarize(results: dict[str, Any]) -> list[dict[str, Any]]:
         }
         rows.append(row)
     return rows
+
+
+AVERAGE = "average"
+RESOLUTION = 0.01  # the per-set table says how many seeds the average would need for a CI of ±1 point
+
+
+def set_values(results: dict[str, Any], method: str) -> dict[int, dict[str, float]]:
+    """seed → set → test accuracy of ``method``, with :data:`AVERAGE` the mean of the sets'
+    accuracies (the paper's Table 1 average: every set weighs the same, whatever its size)."""
+    out = {}
+    for run in results["runs"]:
+        if run["split"] == "test" and run["method"] == method and run.get("by_set"):
+            out[run["seed"]] = {**run["by_set"], AVERAGE: sum(run["by_set"].values()) / len(run["by_set"])}
+    return out
+
+
+def per_set(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The paper's table, for a task whose test rows carry their set (``None`` otherwise): the
+    columns (the sets, then :data:`AVERAGE`), the untrained model's accuracy on each, and per
+    method its mean over its test seeds on each; for every method but LoRA the paired difference
+    against LoRA on the seeds both have (:func:`~moslora.compare.stats.paired`) on each column, and
+    the seeds the average's spread would need for a CI of ±1 point."""
+    scored = [run for run in results["runs"] if run["split"] == "test" and run.get("by_set")]
+    if not scored:
+        return None
+    columns = [*scored[0]["by_set"], AVERAGE]
+    base = set_values(results, BASELINE)
+    rows = []
+    for method in results["settings"]["methods"]:
+        values = set_values(results, method)
+        if not values:
+            continue
+        row: dict[str, Any] = {"method": method, "n": len(values), "vs_baseline": None, "seeds_for_1pt": None,
+                               "mean": {c: describe([values[s][c] for s in sorted(values)])["mean"] for c in columns}}
+        if method != BASELINE:
+            seeds = sorted(set(values) & set(base))
+            row["vs_baseline"] = {c: paired([values[s][c] for s in seeds], [base[s][c] for s in seeds]) for c in columns}
+            spread = row["vs_baseline"][AVERAGE]["std_diff"]
+            row["seeds_for_1pt"] = None if spread is None else seeds_for_half_width(spread, RESOLUTION)
+        rows.append(row)
+    untrained = (results.get("untrained_by_set") or {}).get("test")
+    if untrained:
+        untrained = {**untrained, AVERAGE: sum(untrained.values()) / len(untrained)}
+    return {"columns": columns, "sizes": results["task"].get("test_sets", {}), "untrained": untrained, "rows": rows}
+
+
+def _per_set_columns(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    columns = table["columns"]
+    body = []
+    if table["untrained"]:
+        body.append(["untrained model"] + [f"{100 * table['untrained'][c]:.1f}" for c in columns])
+    body += [[row["method"]] + [f"{100 * row['mean'][c]:.1f}" for c in columns] for row in table["rows"]]
+    body += [[f"{row['method']} − LoRA"] + [views.signed(row["vs_baseline"][c], 1, 100) for c in columns]
+             for row in table["rows"] if row["vs_baseline"] is not None]
+    return ["method", *columns], body
+
+
+def _per_set_caption(table: dict[str, Any]) -> str:
+    sizes = table["sizes"]
+    counts = set(sizes.values())
+    per = (f"{next(iter(counts))} test question{'s' if counts != {1} else ''} per set" if len(counts) == 1
+           else "test questions per set: " + ", ".join(f"{name} {n}" for name, n in sizes.items()))
+    seeds = sorted({row["n"] for row in table["rows"]})
+    text = (f"Test accuracy (%) per set, mean over each method's {'/'.join(map(str, seeds))} test seed(s); {per} "
+            f"({sum(sizes.values())} in all), the same rows for every method and seed; {AVERAGE} = the mean of the "
+            f"{len(table['columns']) - 1} per-set accuracies, as in the paper's Table 1. "
+            "Rows \"method − LoRA\": the paired difference on the same seeds, points [95% CI from the t-distribution].")
+    on_average = []
+    for row in table["rows"]:
+        pair = row["vs_baseline"]
+        if pair is None:
+            continue
+        mde = "–" if pair[AVERAGE]["half_width"] is None else f"±{100 * pair[AVERAGE]['half_width']:.2f} points"
+        need = "–" if row["seeds_for_1pt"] is None else str(row["seeds_for_1pt"])
+        on_average.append(f"{row['method']}: MDE {mde} on {pair[AVERAGE]['n']} paired seeds, {need} seeds for ±1 point")
+    if on_average:
+        text += " On the average: " + "; ".join(on_average) + " (the same spread of differences; `seeds_for_half_width`)."
+    return text
 
 
 def _pct(value: float | None, signed: bool = False) -> str:
@@ -212,6 +290,11 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     lines += ["", "**In short:** " + " ".join(verdict(results)), ""] + _caption(results) + [""]
+    sets = per_set(results)
+    if sets:
+        header, body = _per_set_columns(sets)
+        lines += ["## Per set", "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body] + ["", _per_set_caption(sets), ""]
     convergence = views.convergence_markdown(results)
     if convergence:
         lines += ["## Convergence", "", f"![convergence]({CONVERGENCE_FILE})", ""] + convergence + [""]
@@ -222,14 +305,21 @@ def markdown_table(results: dict[str, Any], command: str | None = None) -> str:
 
 
 def text_table(results: dict[str, Any]) -> str:
-    header, body = _columns(summarize(results), _trainable_mixer(results))
+    out = _aligned(*_columns(summarize(results), _trainable_mixer(results))) + [""] + _caption(results)
+    sets = per_set(results)
+    if sets:
+        out += ["", "Per set:"] + _aligned(*_per_set_columns(sets)) + ["", _per_set_caption(sets)]
+    return "\n".join(out + ["", "In short:"] + [f"  {sentence}" for sentence in verdict(results)])
+
+
+def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
+    """A table's lines for a terminal: columns padded to their widest cell, a rule under the header."""
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
-    out = [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
-    return "\n".join(out + [""] + _caption(results) + ["", "In short:"] + [f"  {sentence}" for sentence in verdict(results)])
+    return [line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body]
 
 
 LEGEND_SEEDS = 8  # the per-seed legend is drawn up to this many seeds

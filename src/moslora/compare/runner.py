@@ -190,11 +190,25 @@ def untrained_scores(task: Any, prepared: Any, r: int, splits: Iterable[str]) ->
     chance: see the task's ``chance``). Each split is scored once per prepared task."""
     if task.modules_to_save:
         return None
+    return {split: score["value"] for split, score in _untrained(prepared, r, splits).items()}
+
+
+def untrained_by_set(task: Any, prepared: Any, r: int, splits: Iterable[str]) -> dict[str, dict[str, float]] | None:
+    """The untrained model's accuracy per set (see :func:`untrained_scores`) on ``splits``, for
+    tasks whose rows carry their set (scored once with :func:`untrained_scores`); ``None`` otherwise."""
+    if task.modules_to_save:
+        return None
+    scores = _untrained(prepared, r, splits)
+    return {split: score["by_set"] for split, score in scores.items() if "by_set" in score} or None
+
+
+def _untrained(prepared: Any, r: int, splits: Iterable[str]) -> dict[str, dict[str, Any]]:
     known = vars(prepared).setdefault("untrained", {})
+    splits = list(splits)
     missing = [split for split in splits if split not in known]
     if missing:
         model = prepared.build(BASELINE, 0, r)
-        known.update({split: prepared.score(model, split)["value"] for split in missing})
+        known.update({split: prepared.score(model, split) for split in missing})
     return {split: known[split] for split in splits}
 
 
@@ -245,7 +259,11 @@ def run_comparison(
         "runs": [],
     }
     shown = _Progress(f"compare {task.name} r={r}", len(search) + len(methods) * seeds, progress)
-    results["untrained"] = untrained_scores(task, prepared, r, ["validation", "test"] if search else ["test"])
+    scored_splits = ["validation", "test"] if search else ["test"]
+    results["untrained"] = untrained_scores(task, prepared, r, scored_splits)
+    by_set = untrained_by_set(task, prepared, r, scored_splits)
+    if by_set is not None:  # a task pooling several sets (only then, so other results files are as they were)
+        results["untrained_by_set"] = by_set
     if results["untrained"] is not None:
         shown.line("untrained model: " + ", ".join(f"{split} {100 * value:.1f}%" for split, value in results["untrained"].items()))
 

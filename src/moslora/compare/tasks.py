@@ -8,6 +8,7 @@ of :mod:`moslora.data` only; its comments say what it is and what it costs:
 - ``smollm2-tweets``: the same tweets asked of SmolLM2-135M-Instruct in the paper's label format;
 - ``arc-easy``: ARC-Easy on SmolLM2-135M-Instruct, options as text: the LLM task it learns on a CPU;
 - ``siqa``: the paper's Social IQa, options as text; ``siqa-labels``: in the paper's label format;
+- ``commonsense``: the paper's eight commonsense sets, trained mixed, scored per set (its Table 1);
 - ``fashion-mnist``: Fashion-MNIST on EfficientNet-Lite0, adapters on its 1×1 convolutions.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 BUILTIN = Path(__file__).with_name("builtin")
-BUILTIN_TASKS = ("tweets", "smollm2-tweets", "arc-easy", "siqa", "siqa-labels", "fashion-mnist")
+BUILTIN_TASKS = ("tweets", "smollm2-tweets", "arc-easy", "siqa", "siqa-labels", "commonsense", "fashion-mnist")
 
 
 def task_path(name_or_path: str) -> Path:

@@ -126,7 +126,8 @@ def convergence(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _signed(pair: dict[str, Any] | None, digits: int, scale: float = 1.0) -> str:
+def signed(pair: dict[str, Any] | None, digits: int, scale: float = 1.0) -> str:
+    """A paired difference as ``+1.2 [-0.3, +2.7]`` (its mean and 95% CI, times ``scale``); "–" when there is none."""
     if pair is None or pair["mean_diff"] is None:
         return "–"
     text = f"{scale * pair['mean_diff']:+.{digits}f}"
@@ -148,8 +149,8 @@ def convergence_markdown(results: dict[str, Any]) -> list[str]:
     for row in rows:
         level = row["steps_to_level"]
         lines.append("| " + " | ".join(
-            [row["method"]] + [_signed(row["loss"][f]["diff"], 4) for f in FRACTIONS]
-            + [_signed(level["diff"], 1), f"{level['method_reached']}/{level['lora_reached']} of {row['n']}"]) + " |")
+            [row["method"]] + [signed(row["loss"][f]["diff"], 4) for f in FRACTIONS]
+            + [signed(level["diff"], 1), f"{level['method_reached']}/{level['lora_reached']} of {row['n']}"]) + " |")
     lora = {f: first[f]["lora"] for f in FRACTIONS}
     lines += ["", f"Training loss, paired per test seed against LoRA (n = {rows[0]['n']}); LoRA's mean loss at 25/50/100% of the "
               f"{budget} steps: " + " / ".join(f"{lora[f]:.4f}" for f in FRACTIONS) + ". Δ loss < 0: the method's loss is lower "
