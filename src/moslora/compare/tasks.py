@@ -19,6 +19,8 @@ from typing import Any
 
 BUILTIN = Path(__file__).with_name("builtin")
 BUILTIN_TASKS = ("tweets", "smollm2-tweets", "arc-easy", "siqa", "siqa-labels", "commonsense", "fashion-mnist")
+# Built-in tasks whose data vanished, and what took their place; their published results stay as records.
+RETIRED = {"bbq": "the LLM task SmolLM2 learns on a CPU is now arc-easy", "cifar10": "the image task is now fashion-mnist"}
 
 
 def task_path(name_or_path: str) -> Path:
@@ -28,6 +30,9 @@ def task_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
+    if name_or_path in RETIRED:
+        raise ValueError(f"task {name_or_path!r} is no longer built in: its data (BIG-bench 1.0.0's files) can no longer be "
+                         f"fetched; {RETIRED[name_or_path]} (see docs/compare.md)")
     raise ValueError(f"unknown task {name_or_path!r}: use one of {list(BUILTIN_TASKS)} or a path to a task .yaml file")
 
 
