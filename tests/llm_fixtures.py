@@ -65,3 +65,15 @@ def build_tiny_llama(folder: Path, seed: int = 0, hidden_size: int = 32) -> Path
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def build_sharp_tiny_llama(folder: Path) -> Path:
+    """:func:`build_tiny_llama` with its output head scaled by 25: logits far from uniform, so the
+    options of a choice question score clearly apart and training moves the answers."""
+    from transformers import LlamaForCausalLM
+
+    build_tiny_llama(folder)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    model.lm_head.weight.data *= 25
+    model.save_pretrained(folder)
+    return folder

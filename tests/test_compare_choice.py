@@ -60,15 +60,9 @@ def _choice_rows(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    from llm_fixtures import build_tiny_llama
-    from transformers import LlamaForCausalLM
+    from llm_fixtures import build_sharp_tiny_llama
 
-    root = tmp_path_factory.mktemp("tiny-llama-choice")
-    build_tiny_llama(root)
-    model = LlamaForCausalLM.from_pretrained(root)
-    model.lm_head.weight.data *= 25  # logits far from uniform, so the options' scores differ clearly
-    model.save_pretrained(root)
-    return root
+    return build_sharp_tiny_llama(tmp_path_factory.mktemp("tiny-llama-choice"))
 
 
 def test_choice_scoring_is_the_logprob_per_character_by_hand(tiny_llama):

@@ -33,15 +33,9 @@ def _rows(n: int, seed: int, sets: list[str] | None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    from llm_fixtures import build_tiny_llama
-    from transformers import LlamaForCausalLM
+    from llm_fixtures import build_sharp_tiny_llama
 
-    root = tmp_path_factory.mktemp("tiny-llama-sets")
-    build_tiny_llama(root)
-    model = LlamaForCausalLM.from_pretrained(root)
-    model.lm_head.weight.data *= 25  # logits far from uniform: training moves the answers
-    model.save_pretrained(root)
-    return root
+    return build_sharp_tiny_llama(tmp_path_factory.mktemp("tiny-llama-sets"))
 
 
 def _task(tiny_llama: Path, with_sets: bool) -> InstructionTask:
