@@ -35,8 +35,7 @@ def _package(tmp_path: Path, files: dict[str, bytes], download: bytes = b"the pa
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(data)
 
-    package = Package(name="toy", version="1.0", installer="pip", filename="toy-1.0.whl", sha256=sha256(source), size_mb=1,
-                      licence="MIT", contents="toy rows", extract=extract,
+    package = Package(name="toy", version="1.0", installer="pip", filename="toy-1.0.whl", sha256=sha256(source), size_mb=1, extract=extract,
                       files={name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
     return package, source
 

@@ -76,8 +76,6 @@ FASHION_MNIST = Package(
     filename="dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb",
     sha256="39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0",
     size_mb=31,
-    licence="MIT",
-    contents="Fashion-MNIST: 60,000 + 10,000 grayscale 28x28 images, 10 classes",
     extract=extract,
     files={
         "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",

