@@ -12,6 +12,7 @@ from typing import Any
 from moslora.compare.classification import ClassificationTask, Split
 from moslora.compare.image import ImageTask
 from moslora.compare.instruction import InstructionTask
+from moslora.data.packages import PACKAGE
 from moslora.io.yaml_mapping import read_yaml_mapping
 
 _NUMBER = (int, float)
@@ -43,7 +44,6 @@ _OPTIONAL = {
 }
 _POSITIVE = ("steps", "batch_size", "max_length", "log_every", "max_new_tokens", "eval_batch_size", "image_size", "quick_steps")
 _FILE_ONLY = ("kind", "name", "data", "dataset", "text_column", "label_column")  # read here, not passed on as options
-PACKAGE = "package:"  # model: package:NAME/PATH is PATH inside the installed Python package NAME
 
 
 def load_task_yaml(path: str | Path) -> ClassificationTask | InstructionTask | ImageTask:

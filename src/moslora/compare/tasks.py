@@ -47,6 +47,7 @@ def needed_modules(name_or_path: str) -> list[str]:
     """The optional modules a task's file says it needs (its model's package, ``gguf`` for a .gguf
     model, the image network, a data source's package), read before anything loads; none for a
     file that cannot be read (loading it then says why)."""
+    from moslora.data.packages import PACKAGE
     from moslora.io.yaml_mapping import read_yaml_mapping
 
     try:
@@ -55,8 +56,8 @@ def needed_modules(name_or_path: str) -> list[str]:
         return []
     model = str(data.get("model", ""))
     needs = []
-    if model.startswith("package:"):
-        needs.append(model.removeprefix("package:").partition("/")[0])
+    if model.startswith(PACKAGE):
+        needs.append(model.removeprefix(PACKAGE).partition("/")[0])
     if model.endswith(".gguf"):
         needs.append("gguf")
     if data.get("kind") == "image":

@@ -26,6 +26,7 @@ from typing import Callable
 
 FETCH_COMMAND = "moslora data fetch"
 CACHE_ENV = "MOSLORA_DATA_DIR"
+PACKAGE = "package:"  # a task file's model: package:NAME/PATH is PATH inside the installed Python package NAME
 
 
 class DataMissingError(FileNotFoundError):
