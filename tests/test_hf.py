@@ -200,6 +200,40 @@ def test_destroy_process_group_frees_the_group_when_fsdp_is_imported_after_it_st
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
 
 
+
+LEAVER = """
+import atexit, sys
+import torch.distributed as dist
+from moslora.model.sharded import exit_process
+
+if sys.argv[1] == "group":
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
+    held = dist.group.WORLD  # as an engine's group registry holds it
+
+
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+
+
+kept = Finalized()
+atexit.register(lambda: print("atexit, group alive:", dist.is_initialized(), flush=True))
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("group", [True, False], ids=["in-a-process-group", "alone"])
+def test_exit_process_destroys_the_group_runs_atexit_and_skips_finalization_only_in_a_group(group, tmp_path):
+    """The engines' rare abort at exit happens in the interpreter's finalization, which a process in
+    a group must not reach; everything registered with atexit still runs, with the group gone."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, "-c", LEAVER, "group" if group else "alone", str(tmp_path / "store")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "atexit, group alive: False" in proc.stdout
+    assert ("finalized" in proc.stdout) is not group  # a normal exit finalizes; one from a group does not
+
+
 # ----- the guard ----------------------------------------------------------------------------------------
 def test_a_non_finite_gradient_under_a_finite_loss_stops_before_the_optimizer_step(tiny, tmp_path):
     """The loss check cannot see this one (the loss is finite); the gradient check before the

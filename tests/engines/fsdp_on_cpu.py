@@ -9,12 +9,13 @@ Run with ``accelerate launch --config_file <fsdp config with use_cpu: true> test
 or ``... tests/engines/fsdp_on_cpu.py SCRIPT.py ARGS`` to run a script instead of ``moslora``.
 """
 
-import os
 import runpy
 import sys
 
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
+
+from moslora.model.sharded import exit_process
 
 _init = AcceleratorState.__init__
 
@@ -45,9 +46,4 @@ def _run() -> int:
 
 
 if __name__ == "__main__":
-    code = _run()
-    # Leave without interpreter finalization (see sharded_save.py): the engine's process group may
-    # still be referenced by torch internals, and its gloo threads must not outlive Python.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    exit_process(_run() or 0)

@@ -9,7 +9,6 @@ that putting tensors back into the shards and gathering them again is exact, and
 error on every process and writes nothing. Prints ``OK`` on process 0 when all held.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 
 import moslora
 from moslora.io.native import WEIGHTS_NAME, AdapterFormatError, adapter_contents
-from moslora.model.sharded import gather_adapter, place_adapter_tensors, sharding
+from moslora.model.sharded import exit_process, gather_adapter, place_adapter_tensors, sharding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import perturb, tiny_llama  # noqa: E402
@@ -74,13 +73,8 @@ def main(kind: str, out: Path) -> None:
     dist.barrier()
     if rank == 0:
         print("OK")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
-    # Leave without interpreter finalization: FSDP2 keeps a torch-internal reference to the
-    # destroyed group, whose gloo threads would otherwise be torn down while Python shuts down.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)  # FSDP2 keeps a reference to the group: leave before its threads meet shutdown

@@ -47,7 +47,7 @@ if __name__ == "__main__":
     import torch.distributed as dist
 
     from moslora.hf.reference import InitialPolicyReference
-    from moslora.model.sharded import sharding
+    from moslora.model.sharded import exit_process, sharding
 
     tiny, data, out = sys.argv[1:4]
     result = {}
@@ -60,3 +60,4 @@ if __name__ == "__main__":
     if not dist.is_initialized() or dist.get_rank() == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps(result))
+    exit_process(0)

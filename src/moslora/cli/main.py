@@ -39,5 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``moslora`` program: :func:`main`, then exit; a rank of a distributed run leaves its
+    process group first (:func:`moslora.model.sharded.exit_process`)."""
+    code = main()
+    if "torch.distributed" not in sys.modules:  # nothing started a group: no need to import torch
+        sys.exit(code)
+    from moslora.model.sharded import exit_process
+
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
