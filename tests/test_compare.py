@@ -516,3 +516,49 @@ def test_results_record_model_paths_without_the_machines_absolute_paths(tmp_path
     assert portable_path(str(tmp_path / "models" / "m")) == "models/m"
     assert portable_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert portable_path("/elsewhere/m.gguf") == "m.gguf"
+
+
+def test_resume_trains_only_the_missing_runs_and_equals_the_uninterrupted_comparison(task_file, tmp_path, monkeypatch):
+    """An interrupted comparison (here: fewer seeds) extended with --resume: the earlier runs are
+    taken over, not trained again, and every number equals one run straight through."""
+    from moslora.cli.main import main
+    from moslora.compare import runner
+
+    trained = []
+    train_and_score = runner.train_and_score
+
+    def counting(prepared, spec, r, callbacks=()):
+        trained.append((spec.split, spec.method, spec.seed))
+        return train_and_score(prepared, spec, r, callbacks)
+
+    monkeypatch.setattr(runner, "train_and_score", counting)
+    args = ["compare", "--task", str(task_file), "--methods", "lora,moslora", "--r", "4", "--lrs", "1e-2,3e-2",
+            "--validation-seeds", "1", "--no-progress"]
+    assert main([*args, "--seeds", "3", "--output", str(tmp_path / "straight")]) == 0
+    trained.clear()
+    assert main([*args, "--seeds", "1", "--output", str(tmp_path / "resumed")]) == 0
+    assert len(trained) == 2 * 2 + 2  # the search (2 rates x 2 methods, 1 seed), then seed 0
+    trained.clear()
+    assert main([*args, "--seeds", "3", "--output", str(tmp_path / "resumed"), "--resume"]) == 0
+    assert sorted(trained) == [("test", m, s) for m in ("lora", "moslora") for s in (1, 2)]
+
+    straight, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "resumed"))
+    assert resumed["picked_lr"] == straight["picked_lr"] and resumed["untrained"] == straight["untrained"]
+    key = lambda run: (run["split"], run["method"], run["lr"], run["seed"])  # noqa: E731
+    assert sorted(map(key, resumed["runs"])) == sorted(map(key, straight["runs"]))
+    by_key = {key(run): run for run in straight["runs"]}
+    for run in resumed["runs"]:
+        assert run["value"] == by_key[key(run)]["value"] and run["curve"] == by_key[key(run)]["curve"], key(run)
+    assert "--resume" in (tmp_path / "resumed" / "results.md").read_text()
+
+
+def test_resume_refuses_the_results_of_another_rank_before_training(task_file, tmp_path, capsys):
+    from moslora.cli.main import main
+
+    args = ["compare", "--task", str(task_file), "--methods", "lora", "--seeds", "1", "--lrs", "1e-2", "--no-progress",
+            "--output", str(tmp_path / "out")]
+    assert main([*args, "--r", "4"]) == 0
+    before = (tmp_path / "out" / "results.json").read_text()
+    assert main([*args, "--r", "8", "--resume"]) == 2
+    assert "--resume: the earlier results are of another rank (4, now 8)" in capsys.readouterr().err
+    assert (tmp_path / "out" / "results.json").read_text() == before

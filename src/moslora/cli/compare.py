@@ -25,7 +25,9 @@ adds a table and figure of the difference against the rank.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per run instead of the task's own (warm-up scales along)")
     p.add_argument("--quick", action="store_true", help="the task's quick budget (fewer steps, smaller splits), LoRA and MoSLoRA, 2 seeds, no LR search")
     p.add_argument("--output", default="compare-results", help="folder for results.json, results.md, results.png (default: %(default)s)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="take over the runs already in --output's results.json (same task and rank; an interrupted run, or "
+        "fewer seeds) and train only the missing ones",
+    )
     p.add_argument(
         "--report-from",
         metavar="RESULTS_JSON",
@@ -123,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.report_from:
         return _report_from(args.report_from, args.output)
-    from moslora.compare.runner import run_comparison
+    from moslora.compare.runner import reusable_runs, run_comparison
     from moslora.compare.tasks import load_task
 
     methods = _list(args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS), str, "--methods")
@@ -153,13 +161,19 @@ def run(args: argparse.Namespace) -> int:
         + (["--steps", str(args.steps)] if args.steps is not None else [])
         + (["--quick"] if args.quick else [])
         + ["--output", shlex.quote(args.output)]
+        + (["--resume"] if args.resume else [])
     )
 
+    outputs = {r: Path(args.output) / f"r{r}" if len(ranks) > 1 else Path(args.output) for r in ranks}
+    earlier = {r: _earlier(outputs[r]) if args.resume else None for r in ranks}
+    for r in ranks:
+        if earlier[r] is not None:
+            reusable_runs(earlier[r], task.describe(), r)  # another task or rank: refused before any slow work
     prepared = task.prepare()  # tokenized data and caches, shared by every rank
     sweep = []
     for r in ranks:
         rank_start = time.perf_counter()
-        output = Path(args.output) / f"r{r}" if len(ranks) > 1 else Path(args.output)
+        output = outputs[r]
         results = run_comparison(
             task,
             methods=methods,
@@ -170,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             on_run=lambda partial, output=output: report.save(partial, output, command, final=False),
             progress=not args.no_progress,
             prepared=prepared,
+            earlier=earlier[r],
         )
         results["wall_seconds"] = time.perf_counter() - rank_start
         paths = report.save(results, output, command)
@@ -185,6 +200,18 @@ def run(args: argparse.Namespace) -> int:
         print(rank_report.sweep_text(sweep))
         print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _earlier(output: Path) -> dict | None:
+    """The results file in ``output`` that ``--resume`` takes runs from, or ``None`` when there is none yet."""
+    path = output / "results.json"
+    if not path.is_file():
+        print(f"moslora compare: --resume: no {path} yet; starting from the first run", file=sys.stderr)
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--resume: {path} is not a results file ({e})") from e
 
 
 def _report_from(files: list[str], output: str) -> int:

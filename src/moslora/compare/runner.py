@@ -21,6 +21,7 @@ same model fed cached states) and ``score(model, split)``.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -223,12 +224,15 @@ def run_comparison(
     on_run: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
     prepared: Any = None,
+    earlier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Search each method's learning rate on validation (``lrs`` a grid; a dict of one rate per
     method skips the search), then train every method on test seeds 0..seeds−1 at its rate.
     ``on_run(results)`` is called after every run with the results so far (to save them as they come). ``prepared`` is ``task.prepare()``'s result when the caller
     already has it (a rank sweep makes it once). Progress is a bar on a terminal and one line per
-    run otherwise (a log file stays readable). Returns the results: task, settings, the untrained
+    run otherwise (a log file stays readable). ``earlier`` is the results of an earlier (possibly
+    cut-short) comparison of the same task and rank: its untrained scores and runs are taken over,
+    not trained again (:func:`reusable_runs`). Returns the results: task, settings, the untrained
     model's scores, picked LRs, every run."""
     for method in methods:
         method_config(task, method, r)  # fail on a bad method or rank before any training
@@ -242,7 +246,6 @@ def run_comparison(
     grid = list(given.values()) if given is not None else list(lrs)
     if not grid or any(lr <= 0 for lr in grid):
         raise ValueError(f"learning rates must be positive, got {lrs}")
-    prepared = task.prepare() if prepared is None else prepared
     search, test_seeds = plan(methods, seeds, [] if given is not None else grid, validation_seeds)
     results: dict[str, Any] = {
         "task": task.describe(),
@@ -258,18 +261,29 @@ def run_comparison(
         "picked_lr": {},
         "runs": [],
     }
+    done = reusable_runs(earlier, results["task"], r) if earlier is not None else {}  # refused before the slow work
+    prepared = task.prepare() if prepared is None else prepared
     shown = _Progress(f"compare {task.name} r={r}", len(search) + len(methods) * seeds, progress)
     scored_splits = ["validation", "test"] if search else ["test"]
-    results["untrained"] = untrained_scores(task, prepared, r, scored_splits)
-    by_set = untrained_by_set(task, prepared, r, scored_splits)
-    if by_set is not None:  # a task pooling several sets (only then, so other results files are as they were)
-        results["untrained_by_set"] = by_set
+    if done and set(scored_splits) <= set(earlier.get("untrained") or {}):
+        results["untrained"] = {split: earlier["untrained"][split] for split in scored_splits}
+        if "untrained_by_set" in earlier:
+            results["untrained_by_set"] = {split: v for split, v in earlier["untrained_by_set"].items() if split in scored_splits}
+    else:
+        results["untrained"] = untrained_scores(task, prepared, r, scored_splits)
+        by_set = untrained_by_set(task, prepared, r, scored_splits)
+        if by_set is not None:  # a task pooling several sets (only then, so other results files are as they were)
+            results["untrained_by_set"] = by_set
+    if done:
+        shown.line(f"{len(done)} runs taken over from the earlier results")
     if results["untrained"] is not None:
         shown.line("untrained model: " + ", ".join(f"{split} {100 * value:.1f}%" for split, value in results["untrained"].items()))
 
     def record(spec: RunSpec) -> None:
         label = f"{spec.split} {spec.method} lr={spec.lr:g} seed={spec.seed}"
-        run = train_and_score(prepared, spec, r, callbacks=shown.callbacks(label))
+        run = done.get(_key(spec.split, spec.method, spec.lr, spec.seed))
+        if run is None:
+            run = train_and_score(prepared, spec, r, callbacks=shown.callbacks(label))
         results["runs"].append(run)
         shown.done(label, run)
         if on_run is not None:
@@ -287,6 +301,25 @@ def run_comparison(
             record(RunSpec(method, seed, results["picked_lr"][method], "test"))
     shown.close()
     return results
+
+
+def _key(split: str, method: str, lr: float, seed: int) -> tuple[str, str, float, int]:
+    return split, method, float(lr), int(seed)
+
+
+def reusable_runs(earlier: dict[str, Any], task: dict[str, Any], r: int) -> dict[tuple[str, str, float, int], dict[str, Any]]:
+    """The runs of ``earlier`` that a comparison of ``task`` (its description) at rank ``r`` would
+    train alike, by (split, method, lr, seed).
+
+    Refuses (ValueError) when ``earlier`` compared another task description (data, model, budget)
+    or rank: a run's result depends on both. Another number of seeds, more methods or another
+    grid are fine: the runs they share are the same runs."""
+    task = json.loads(json.dumps(task))  # as the results file holds it (tuples as lists)
+    for what, now, before in (("task", task, earlier.get("task")), ("rank", r, earlier.get("settings", {}).get("r"))):
+        if now != before:
+            raise ValueError(f"--resume: the earlier results are of another {what} ({before!r}, now {now!r}); "
+                             "give another --output, or the same settings")
+    return {_key(run["split"], run["method"], run["lr"], run["seed"]): run for run in earlier.get("runs", [])}
 
 
 class _Progress:
