@@ -37,6 +37,7 @@ SMOKE = {
     "benchmarks/peft_route.py": "test_peft_route_prints_its_tables_at_its_smallest_size",
     "benchmarks/lm_eval_agreement.py": "test_lm_eval_agreement_prints_its_table_at_its_smallest_size",
     "benchmarks/commonsense_gpu.py": "test_commonsense_gpu_runs_nothing_without_a_gpu_and_its_table_at_its_smallest_size",
+    "benchmarks/commonsense_probe.py": "test_commonsense_probe_prints_its_table_at_its_smallest_size_and_resumes",
     "examples/smollm2_commonsense.py": "test_the_smollm2_example_prints_its_table_at_its_smallest_size",
 }
 
@@ -247,3 +248,27 @@ def test_every_script_command_in_the_docs_names_a_script_and_flags_it_takes():
                 pytest.fail(f"{doc}: {script} does not take {' '.join(flags)}")
         else:
             assert not flags or flags[0].startswith("--"), f"{doc}: {script} {flags}"
+
+
+PROBE_SETS = ["boolq", "piqa", "socialiqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+@pytest.mark.slow
+def test_commonsense_probe_prints_its_table_at_its_smallest_size_and_resumes(tiny_llama, tmp_path):
+    args = [sys.executable, "benchmarks/commonsense_probe.py", "--smoke", "--model", str(tiny_llama), "--output", str(tmp_path)]
+    out = run(args)
+    ((title, (header, body)),) = tables(out).items()
+    assert title == "commonsense probe: LoRA r = 16, seed 0, 16 test rows (2 a set)"
+    assert header == ["budget", *PROBE_SETS, "average", "gain", "minutes"]
+    assert list(body) == ["untrained", "2 steps × 8 at 0.001", "2 steps × 8 at 0.003"]
+    untrained = [float(cell) for cell in body["untrained"][: len(PROBE_SETS) + 1]]
+    assert all(value in (0.0, 50.0, 100.0) for value in untrained[:-1])  # 2 rows a set
+    assert untrained[-1] == pytest.approx(sum(untrained[:-1]) / 8, abs=0.06)
+    for name in list(body)[1:]:
+        cells = [float(cell) for cell in body[name]]
+        assert all(value in (0.0, 50.0, 100.0) for value in cells[:8])
+        assert cells[8] == pytest.approx(sum(cells[:8]) / 8, abs=0.06)
+        assert cells[9] == pytest.approx(cells[8] - untrained[-1], abs=0.11) and cells[10] >= 0
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert [(run["steps"], run["lr"]) for run in saved["runs"]] == [(2, 1e-3), (2, 3e-3)]
+    assert run(args) == out  # the runs already in probe.json are taken over, not trained again
