@@ -7,7 +7,7 @@ schedule, frozen bottom and scoring), so a row here is what a comparison at that
 for LoRA's seed 0. The task is prepared once (model, tokenized rows, the frozen bottom's states of
 the test rows), so each budget costs only its training and one scoring.
 
-    python benchmarks/commonsense_probe.py                       # the default budgets, r = 16
+    python benchmarks/commonsense_probe.py --output docs/results/commonsense-probe   # the published probe, r = 16
     python benchmarks/commonsense_probe.py --budgets 400:1e-3,800:1e-3 --output runs/probe
     python benchmarks/commonsense_probe.py --smoke --model DIR --output /tmp/probe   # a tiny model, 2 rows a set
 
@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-DEFAULT_BUDGETS = "150:3e-3,400:1e-3,400:3e-3"
+DEFAULT_BUDGETS = "400:1e-3,400:3e-3"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -69,17 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     if results.get("r") != args.r or results.get("test_rows") not in (None, len(task.test)):
         raise SystemExit(f"{path} holds a probe at another rank or test size; give another --output")
 
+    missing = [(steps, lr) for steps, lr in plan if not any(run["steps"] == steps and run["lr"] == lr for run in results["runs"])]
+    if "untrained" in results and not missing:  # all there: nothing to prepare
+        print(table(results))
+        return 0
     start = time.perf_counter()
     prepared = task.prepare()
     print(f"prepared in {(time.perf_counter() - start) / 60:.1f} min", file=sys.stderr, flush=True)
     if "untrained" not in results:
-        results.update(test_rows=len(task.test), untrained={"average": _average(untrained_by_set(task, prepared, args.r, ["test"])["test"]),
-                                                            "pooled": untrained_scores(task, prepared, args.r, ["test"])["test"],
-                                                            **untrained_by_set(task, prepared, args.r, ["test"])["test"]})
+        by_set = untrained_by_set(task, prepared, args.r, ["test"])["test"]
+        pooled = untrained_scores(task, prepared, args.r, ["test"])["test"]  # scored once with by_set
+        results.update(test_rows=len(task.test), untrained={"average": _average(by_set), "pooled": pooled, **by_set})
         path.write_text(json.dumps(results, indent=1))
-    for steps, lr in plan:
-        if any(run["steps"] == steps and run["lr"] == lr for run in results["runs"]):
-            continue
+    for steps, lr in missing:
         prepared.task = task.with_steps(steps)  # the same prepared rows and caches; another step budget
         begun = time.perf_counter()
         run = train_and_score(prepared, RunSpec("lora", 0, lr, "test"), args.r)
