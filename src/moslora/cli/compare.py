@@ -14,7 +14,8 @@ Built-in tasks (offline; arc-easy, siqa, commonsense and fashion-mnist read the 
   siqa            the paper's Social IQa, the same way (it does not learn SIQA at a CPU budget)
   siqa-labels     the same in the paper's label format (answer1/2/3, greedy answers)
   commonsense     the paper's eight commonsense sets, trained mixed, scored per set with their
-                  average (its Table 1); run it at the paper's rank: --r 16
+                  average (its Table 1); run it at the paper's rank: --r 16 (SmolLM2 does not
+                  learn the mix at a CPU budget: for a GPU)
   fashion-mnist   Fashion-MNIST on EfficientNet-Lite0 (ImageNet), adapters on its 1x1 convolutions
 Each is a task file in moslora/compare/builtin/, the same YAML you would write.
 Point ``--task`` at a YAML file to compare on your own model and data (see
