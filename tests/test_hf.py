@@ -200,7 +200,6 @@ def test_destroy_process_group_frees_the_group_when_fsdp_is_imported_after_it_st
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-4000:]
 
 
-
 LEAVER = """
 import atexit, sys
 import torch.distributed as dist
