@@ -53,6 +53,7 @@ def budgets(text: str) -> list[tuple[int, float]]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     plan = budgets("2:1e-3,2:3e-3" if args.smoke else args.budgets)
+    from moslora.compare.report import with_average
     from moslora.compare.runner import RunSpec, train_and_score, untrained_by_set, untrained_scores
     from moslora.compare.tasks import load_task
 
@@ -79,23 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     if "untrained" not in results:
         by_set = untrained_by_set(task, prepared, args.r, ["test"])["test"]
         pooled = untrained_scores(task, prepared, args.r, ["test"])["test"]  # scored once with by_set
-        results.update(test_rows=len(task.test), untrained={"average": _average(by_set), "pooled": pooled, **by_set})
+        results.update(test_rows=len(task.test), untrained={"pooled": pooled, **with_average(by_set)})
         path.write_text(json.dumps(results, indent=1))
     for steps, lr in missing:
         prepared.task = task.with_steps(steps)  # the same prepared rows and caches; another step budget
         begun = time.perf_counter()
         run = train_and_score(prepared, RunSpec("lora", 0, lr, "test"), args.r)
         results["runs"].append({"steps": steps, "lr": lr, "minutes": (time.perf_counter() - begun) / 60,
-                                "average": _average(run["by_set"]), "pooled": run["value"], **run["by_set"],
-                                "loss": run["curve"]["loss"]})
+                                "pooled": run["value"], **with_average(run["by_set"]), "loss": run["curve"]["loss"]})
         path.write_text(json.dumps(results, indent=1))
         print(f"{steps} steps at {lr:g}: average {100 * results['runs'][-1]['average']:.1f}%", file=sys.stderr, flush=True)
     print(table(results))
     return 0
-
-
-def _average(by_set: dict[str, float]) -> float:
-    return sum(by_set.values()) / len(by_set)
 
 
 def table(results: dict) -> str:

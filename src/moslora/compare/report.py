@@ -48,13 +48,18 @@ AVERAGE = "average"
 RESOLUTION = 0.01  # the per-set table says how many seeds the average would need for a CI of ±1 point
 
 
+def with_average(by_set: dict[str, float]) -> dict[str, float]:
+    """``by_set`` with :data:`AVERAGE`, the mean of the sets' accuracies (the paper's Table 1
+    average: every set weighs the same, whatever its size)."""
+    return {**by_set, AVERAGE: sum(by_set.values()) / len(by_set)}
+
+
 def set_values(results: dict[str, Any], method: str) -> dict[int, dict[str, float]]:
-    """seed → set → test accuracy of ``method``, with :data:`AVERAGE` the mean of the sets'
-    accuracies (the paper's Table 1 average: every set weighs the same, whatever its size)."""
+    """seed → set → test accuracy of ``method``, with :data:`AVERAGE` (:func:`with_average`)."""
     out = {}
     for run in results["runs"]:
         if run["split"] == "test" and run["method"] == method and run.get("by_set"):
-            out[run["seed"]] = {**run["by_set"], AVERAGE: sum(run["by_set"].values()) / len(run["by_set"])}
+            out[run["seed"]] = with_average(run["by_set"])
     return out
 
 
@@ -84,7 +89,7 @@ def per_set(results: dict[str, Any]) -> dict[str, Any] | None:
         rows.append(row)
     untrained = (results.get("untrained_by_set") or {}).get("test")
     if untrained:
-        untrained = {**untrained, AVERAGE: sum(untrained.values()) / len(untrained)}
+        untrained = with_average(untrained)
     return {"columns": columns, "sizes": results["task"].get("test_sets", {}), "untrained": untrained, "rows": rows}
 
 
